@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Debian/Ubuntu with Python >= 3.11 and apt):
+#   ./dev.sh demo   set everything up, then run the main job (the served speech-to-speech demo)
+#   ./dev.sh test   set everything up, then run the whole test suite
+#   ./dev.sh setup  only set up (.venv, system packages)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${MOSS_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+system_packages() {
+  # espeak-ng + sox: spoken test questions; libsndfile1: soundfile; libb64-0d: Triton's perf_analyzer.
+  local need=()
+  for pkg in espeak-ng sox libsndfile1 libb64-0d; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+python_env() {
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  local stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e ".[dev,triton-local,trt-rtx]"
+    touch "$stamp"
+  fi
+}
+
+setup() { system_packages; python_env; }
+
+case "${1:-demo}" in
+  setup) setup ;;
+  demo) setup; shift || true; exec "$VENV/bin/moss-speech" demo "$@" ;;
+  test)
+    setup; shift || true
+    set +e
+    "$VENV/bin/python" -m pytest -q "$@"
+    rc=$?
+    # pytest exits 5 when it collected no tests; that is not a failure of the suite.
+    [ $rc -eq 5 ] && rc=0
+    exit $rc ;;
+  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+esac
