@@ -1,0 +1,48 @@
+"""`moss-speech` console script.
+
+Each area of the project owns its subcommands in its own module, which exposes
+`register(subparsers: argparse._SubParsersAction) -> None`; registered handlers are set with
+`parser.set_defaults(func=handler)` and receive the parsed namespace, returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in help order. A module that is not part of this build is skipped.
+COMMAND_MODULES = (
+    "moss_speech.builders.commands",
+    "moss_speech.builders.export.commands",
+    "moss_speech.builders.training.commands",
+    "moss_speech.services.triton_server",
+    "moss_speech.services.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moss-speech", description="MOSS-Speech serving stack on Triton")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # this area is not present
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
