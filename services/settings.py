@@ -1,0 +1,174 @@
+"""Orchestrator (public gRPC service) settings: one object per process, from `MOSS_SPEECH_*` env vars.
+
+`ServiceSettings` is the single source for these names and defaults. Two artifacts are generated from it and
+kept in sync by tests:
+- the env-var table in docs/deploy.md (`env_table_markdown`),
+- the `orchestrator.settings` section of the Helm chart's values.schema.json (`chart_settings_schema`).
+The chart turns each key under `orchestrator.settings` into `MOSS_SPEECH_<KEY>`.
+
+Regenerate both after changing a field:
+    python -m moss_speech.services.settings --write-schema helm/moss-speech/values.schema.json \
+        --write-docs docs/deploy.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MOSS_SPEECH_"
+
+# Markers around the generated table in docs/deploy.md.
+DOCS_BEGIN = "<!-- BEGIN GENERATED: ServiceSettings env vars -->"
+DOCS_END = "<!-- END GENERATED: ServiceSettings env vars -->"
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the orchestrator reads at start-up. Every field maps to `MOSS_SPEECH_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore",
+                                      validate_default=True)
+
+    # --- network --------------------------------------------------------------------------------------
+    triton_url: str = Field(
+        "localhost:8001", min_length=1,
+        description="Triton gRPC endpoint `host:port` (the chart points it at its Triton Service).")
+    grpc_port: int = Field(
+        50051, ge=1, le=65535, description="Port of the public gRPC API and `grpc.health.v1`.")
+    metrics_port: int = Field(
+        9090, ge=1, le=65535, description="Port of the Prometheus `/metrics` HTTP endpoint.")
+
+    # --- request limits -------------------------------------------------------------------------------
+    max_audio_seconds: float = Field(
+        60.0, gt=0, description="Longest input audio accepted in one turn, seconds.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes.")
+    max_text_chars: int = Field(
+        4000, ge=1, description="Longest text input accepted in one turn, characters.")
+    request_timeout_seconds: float = Field(
+        120.0, gt=0, description="Deadline for one turn against Triton, seconds.")
+
+    # --- sessions -------------------------------------------------------------------------------------
+    session_ttl_seconds: float = Field(
+        900.0, gt=0, description="Idle time after which a session's history is dropped, seconds.")
+    max_sessions: int = Field(
+        1000, ge=1, description="Most sessions held in memory; the oldest idle one is evicted.")
+    max_context_tokens: int = Field(
+        4096, ge=64,
+        description="History budget per session in LLM positions; older turns are truncated first.")
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    drain_seconds: float = Field(
+        30.0, ge=0,
+        description="Graceful shutdown bound: on SIGTERM stop accepting, let open streams finish for at "
+                    "most this long, seconds.")
+
+    # --- generation defaults (a request may override) -------------------------------------------------
+    default_voice: str = Field("default", min_length=1, description="Voice used when a request names none.")
+    temperature: float = Field(0.6, ge=0, description="Default sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling mass.")
+    top_k: int = Field(20, ge=0, description="Default top-k (0 = disabled).")
+    repetition_penalty: float = Field(1.1, gt=0, description="Default repetition penalty (1 = none).")
+    max_new_tokens: int = Field(500, ge=1, description="Default cap on generated steps per turn.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Default minimum generated steps before a stop is allowed.")
+
+    # --- Triton model names ---------------------------------------------------------------------------
+    s2s_model: str = Field("s2s", min_length=1, description="Triton ensemble for speech input.")
+    t2s_model: str = Field("t2s", min_length=1, description="Triton ensemble for text input.")
+
+    # --- logging --------------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSettings:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        if self.grpc_port == self.metrics_port:
+            raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        return self
+
+
+def env_var(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def field_defaults() -> dict[str, Any]:
+    """Pydantic defaults, by field name."""
+    return {name: info.default for name, info in ServiceSettings.model_fields.items()}
+
+
+def _type_name(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return " \\| ".join(f"`{v}`" for v in prop["enum"])
+    names = {"integer": "int", "number": "float", "string": "str", "boolean": "bool"}
+    return names.get(prop.get("type"), "?")
+
+
+def env_table_markdown() -> str:
+    """The docs table of env vars: one row per field, in declaration order."""
+    props = ServiceSettings.model_json_schema()["properties"]
+    rows = ["| Variable | Type | Default | Description |", "|---|---|---|---|"]
+    for name in ServiceSettings.model_fields:
+        prop = props[name]
+        rows.append(f"| `{env_var(name)}` | {_type_name(prop)} | `{json.dumps(prop['default'])}` | "
+                    f"{prop['description']} |")
+    return "\n".join(rows) + "\n"
+
+
+def chart_settings_schema() -> dict[str, Any]:
+    """JSON schema (draft-07 subset, no $refs) of the chart's `orchestrator.settings`; unknown keys fail."""
+    props = {}
+    for name, prop in ServiceSettings.model_json_schema()["properties"].items():
+        props[name] = {k: v for k, v in prop.items() if k != "title"}
+    return {
+        "type": "object",
+        "description": "ServiceSettings fields (env MOSS_SPEECH_<KEY>); generated from "
+                       "moss_speech.services.settings, do not edit by hand.",
+        "additionalProperties": False,
+        "properties": props,
+    }
+
+
+# --- keeping the generated artifacts in sync ----------------------------------------------------------
+
+def schema_with_settings(chart_schema: dict[str, Any]) -> dict[str, Any]:
+    """The chart's values.schema.json with its orchestrator.settings section replaced by the generated one."""
+    chart_schema["properties"]["orchestrator"]["properties"]["settings"] = chart_settings_schema()
+    return chart_schema
+
+
+def docs_with_table(text: str) -> str:
+    """docs text with the generated env table between DOCS_BEGIN and DOCS_END replaced."""
+    head, sep, rest = text.partition(DOCS_BEGIN)
+    _, sep2, tail = rest.partition(DOCS_END)
+    if not sep or not sep2:
+        raise ValueError(f"docs lack the markers {DOCS_BEGIN!r} ... {DOCS_END!r}")
+    return f"{head}{DOCS_BEGIN}\n{env_table_markdown()}{DOCS_END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-schema", type=Path, help="update this values.schema.json in place")
+    parser.add_argument("--write-docs", type=Path, help="update the env table in this markdown file in place")
+    args = parser.parse_args(argv)
+    if args.write_schema:
+        schema = schema_with_settings(json.loads(args.write_schema.read_text()))
+        args.write_schema.write_text(json.dumps(schema, indent=2) + "\n")
+    if args.write_docs:
+        args.write_docs.write_text(docs_with_table(args.write_docs.read_text()))
+    if not (args.write_schema or args.write_docs):
+        print(env_table_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
