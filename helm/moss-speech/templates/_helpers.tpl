@@ -1,0 +1,94 @@
+{{- define "moss-speech.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "moss-speech.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of a component's objects: <fullname>-<component>; component names are short, so trim the base. */}}
+{{- define "moss-speech.componentName" -}}
+{{- printf "%s-%s" (include "moss-speech.fullname" .root | trunc 40 | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "moss-speech.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "moss-speech.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: moss-speech
+{{- end -}}
+
+{{/* Selector labels of one component: dict "root" $ "component" "triton" */}}
+{{- define "moss-speech.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moss-speech.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "moss-speech.componentLabels" -}}
+{{ include "moss-speech.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "moss-speech.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moss-speech.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* image: dict "root" $ "image" .Values.x.image */}}
+{{- define "moss-speech.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "moss-speech.tritonAddress" -}}
+{{- printf "%s:%d" (include "moss-speech.componentName" (dict "root" . "component" "triton")) (int .Values.triton.ports.grpc) -}}
+{{- end -}}
+
+{{- define "moss-speech.modelClaim" -}}
+{{- $v := .Values.modelRepository.volume -}}
+{{- if $v.existingClaim -}}
+{{- $v.existingClaim -}}
+{{- else if $v.create -}}
+{{- include "moss-speech.componentName" (dict "root" . "component" "models") -}}
+{{- else -}}
+{{- fail "modelRepository.volume.enabled needs volume.existingClaim or volume.create=true" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+An env value as text. Helm reads YAML numbers as float64, and a float64 such as 4194304 prints as 4.194304e+06,
+which an int field cannot parse: whole numbers are printed as integers.
+*/}}
+{{- define "moss-speech.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Orchestrator settings with the chart-derived triton_url filled in (unless set in values). */}}
+{{- define "moss-speech.orchestratorSettings" -}}
+{{- $s := deepCopy .Values.orchestrator.settings -}}
+{{- if not (hasKey $s "triton_url") -}}
+{{- $_ := set $s "triton_url" (include "moss-speech.tritonAddress" .) -}}
+{{- end -}}
+{{- toYaml $s -}}
+{{- end -}}
+
+{{/* Pod metric names served by the prometheus-adapter rules (one place for the rules and the HPAs). */}}
+{{- define "moss-speech.metric.tritonQueue" -}}moss_speech_triton_queue_us_per_request{{- end -}}
