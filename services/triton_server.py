@@ -1,8 +1,8 @@
-"""Start a real Triton Inference Server for a model repository: library (`TritonServer`) and `moss-speech triton`.
+"""Start a real Triton Inference Server on a model repository: `TritonServer` and `moss-speech triton`.
 
 Two ways to get a `tritonserver` binary:
 - "path": `tritonserver` on PATH, as inside NVIDIA's container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3);
-- "wheel": the 2.51 binary bundled in the `nvidia-pytriton` wheel (extra `triton-local`), for CPU laptops and CI.
+- "wheel": the 2.51 binary bundled in the `nvidia-pytriton` wheel (extra `triton-local`), for CPU laptops/CI.
   It needs the Python backend stub for this interpreter copied next to the backend, its bundled libraries on
   LD_LIBRARY_PATH, and this interpreter's bin/ first on PATH (the stub imports packages from the `python3` it
   finds there). `prepare_wheel_binary` does all of that, idempotently.
@@ -258,7 +258,8 @@ class TritonServer:
             return False
 
     def _metrics_enabled(self) -> bool:
-        return not any(a.replace(" ", "=") in ("--allow-metrics=false", "--allow-metrics=0") for a in self.extra_args)
+        off = ("--allow-metrics=false", "--allow-metrics=0")
+        return not any(a.replace(" ", "=") in off for a in self.extra_args)
 
     def _metrics_up(self) -> bool:
         try:
@@ -303,7 +304,7 @@ class TritonServer:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float | None = None) -> int:
-        """SIGTERM, wait up to `timeout` (default stop_timeout), then SIGKILL the group. Returns the exit code."""
+        """SIGTERM, wait `timeout` (default stop_timeout), then SIGKILL the group. Returns the exit code."""
         if self.proc is None:
             return 0
         self.send_signal(signal.SIGTERM)
@@ -317,10 +318,18 @@ class TritonServer:
         self._join_reader()
         return code
 
-    def _kill_group(self) -> None:
+    def _kill_group(self, wait: float = 5.0) -> None:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        # SIGKILL is asynchronous: wait until the group is gone so ports/shared memory are free on return.
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def metrics(self) -> str:
@@ -339,8 +348,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "triton",
         help="run tritonserver on a model repository",
-        description="Start tritonserver (container's or the nvidia-pytriton wheel's), wait until ready, forward "
-        "logs, stop cleanly on SIGTERM/SIGINT. Arguments after `--` go to tritonserver unchanged.",
+        description="Start tritonserver (container's or the nvidia-pytriton wheel's), wait until ready, "
+        "forward logs, stop cleanly on SIGTERM/SIGINT. Arguments after `--` go to tritonserver unchanged.",
     )
     p.add_argument("--repo", required=True, help="model repository directory")
     p.add_argument("--http-port", type=int, default=DEFAULT_PORTS[0])
@@ -349,7 +358,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--server-binary",
         default=None,
-        help=f"auto|path|wheel|/path/to/tritonserver (default: ${BINARY_ENV} or auto: PATH first, then wheel)",
+        help=f"auto|path|wheel|/path/to/tritonserver (default: ${BINARY_ENV}, else auto: PATH, then wheel)",
     )
     p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default=None)
     p.add_argument("--load-model", action="append", default=[], help="with explicit mode; repeatable, or '*'")
