@@ -83,8 +83,10 @@ class ServiceSettings(BaseSettings):
     t2s_model: str = Field("t2s", min_length=1, description="Triton ensemble for text input.")
 
     # --- logging --------------------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
-    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level of log records written to stderr.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log line format: one JSON object per line, or plain text.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:

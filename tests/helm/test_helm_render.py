@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHART, KUBE_VERSIONS, VALUES_SETS, by_kind
+from helm_support import CHART, KUBE_VERSIONS, VALUES_SETS, by_kind
 from kubernetes_validate import utils as kv
 
 # Kinds from CRDs: kubernetes-validate ships only built-in schemas, so these are checked by
