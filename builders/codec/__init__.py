@@ -5,5 +5,12 @@ from .codec import SpeechCodec
 from .streaming import DecodeWindow, ready_windows
 from .voices import UnknownVoiceError, Voice, VoiceRegistry
 
-__all__ = ["AudioError", "DecodeWindow", "SpeechCodec", "UnknownVoiceError", "Voice", "VoiceRegistry",
-           "ready_windows"]
+__all__ = [
+    "AudioError",
+    "DecodeWindow",
+    "SpeechCodec",
+    "UnknownVoiceError",
+    "Voice",
+    "VoiceRegistry",
+    "ready_windows",
+]

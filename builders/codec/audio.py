@@ -1,7 +1,9 @@
 """Audio input and spectral frontends.
 
-Input: any of WAV/FLAC/OGG bytes, a path, or an array (int16 or float, mono or [samples, channels]) with its rate.
-Everything is turned into float32 mono in [-1, 1] and resampled with soxr. Bad input raises `AudioError`, which
+Input: any of WAV/FLAC/OGG bytes, a path, or an array (int16 or float, mono or [samples, channels]) with its
+rate.
+Everything is turned into float32 mono in [-1, 1] and resampled with soxr. Bad input raises `AudioError`,
+which
 carries `kind` so the gRPC service can map it (INVALID_ARGUMENT vs RESOURCE_EXHAUSTED).
 
 The spectral frontends are torch modules that export to ONNX: the STFT is a conv1d with a windowed DFT basis
@@ -28,7 +30,8 @@ AudioKind = Literal["empty", "non_finite", "too_long", "undecodable", "bad_forma
 
 
 class AudioError(ValueError):
-    """Unusable audio. `kind` says which check failed; `too_long` is a resource limit, the rest are bad input."""
+    """Unusable audio. `kind` says which check failed; `too_long` is a resource limit, the rest are bad
+    input."""
 
     def __init__(self, kind: AudioKind, message: str):
         super().__init__(message)
@@ -42,8 +45,9 @@ class AudioError(ValueError):
 AudioInput = bytes | str | Path | np.ndarray | torch.Tensor
 
 
-def load_audio(audio: AudioInput, sample_rate: int | None, target_rate: int,
-               limits: AudioLimits | None = None) -> np.ndarray:
+def load_audio(
+    audio: AudioInput, sample_rate: int | None, target_rate: int, limits: AudioLimits | None = None
+) -> np.ndarray:
     """Decode/convert `audio` to float32 mono at `target_rate`. `sample_rate` is required for arrays."""
     limits = limits or AudioLimits()
     if isinstance(audio, (bytes, bytearray, str, Path)):
@@ -73,7 +77,9 @@ def load_audio(audio: AudioInput, sample_rate: int | None, target_rate: int,
             if data.shape[0] <= 8 < data.shape[1]:
                 data = data.T
         else:
-            raise AudioError("bad_format", f"audio must be 1-D or [samples, channels], got shape {data.shape}")
+            raise AudioError(
+                "bad_format", f"audio must be 1-D or [samples, channels], got shape {data.shape}"
+            )
     if data.shape[0] < limits.min_samples or data.size == 0:
         raise AudioError("empty", "audio is empty")
     if not np.isfinite(data).all():
@@ -113,12 +119,13 @@ def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float, f
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (hz[2:n_mels + 2] - hz[:n_mels]))[:, None]
+    weights *= (2.0 / (hz[2 : n_mels + 2] - hz[:n_mels]))[:, None]
     return weights.astype(np.float32)
 
 
 def dft_basis(n_fft: int, window: torch.Tensor) -> torch.Tensor:
-    """Conv1d weight [2 * (n_fft//2+1), 1, n_fft]: windowed cos rows then -sin rows (real, imag of the DFT)."""
+    """Conv1d weight [2 * (n_fft//2+1), 1, n_fft]: windowed cos rows then -sin rows (real, imag of the
+    DFT)."""
     k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
     n = torch.arange(n_fft, dtype=torch.float64)[None, :]
     ang = 2 * math.pi * k * n / n_fft
@@ -164,7 +171,8 @@ class WhisperMel(nn.Module):
 
 
 class PromptMel(nn.Module):
-    """CosyVoice/Matcha mel of the 24 kHz voice prompt: PCM [B, samples] -> natural-log mel [B, 80, frames]."""
+    """CosyVoice/Matcha mel of the 24 kHz voice prompt: PCM [B, samples] -> natural-log mel [B, 80,
+    frames]."""
 
     def __init__(self, cfg: PromptMelConfig):
         super().__init__()

@@ -1,7 +1,8 @@
 """Codec configuration schemas: one place for every number the codec uses.
 
 Three files of the real `fnlp/MOSS-Speech-Codec` directory are described here:
-  * `config.json`              -> `EncoderConfig` (Whisper-VQ encoder, GLM-4-Voice `WhisperVQConfig` field names)
+  * `config.json`              -> `EncoderConfig` (Whisper-VQ encoder, GLM-4-Voice `WhisperVQConfig` field
+  names)
   * `preprocessor_config.json` -> `PreprocessorConfig` (Whisper feature extractor)
   * `flow/config.yaml`         -> `FlowConfig` / `HiftConfig` / `PromptMelConfig` (CosyVoice2 hyperpyyaml)
 plus `StreamingConfig` (chunk / lookahead / context sizes) and `AudioLimits`, which are serving settings.
@@ -30,7 +31,8 @@ CAMPPLUS_NAME = "campplus.onnx"
 VOICES_DIR = "voices"
 DEFAULT_VOICE_ID = "default"
 
-# Fixed by the reference (CosyVoice2 CausalConditionalCFM): one noise buffer drawn once with this seed and size.
+# Fixed by the reference (CosyVoice2 CausalConditionalCFM): one noise buffer drawn once with this seed and
+# size.
 FLOW_NOISE_SEED = 0
 FLOW_NOISE_FRAMES = 15000
 XVECTOR_DIM = 192  # CAM++ output
@@ -88,16 +90,29 @@ class EncoderConfig(_Schema):
 
     @model_validator(mode="after")
     def _check(self) -> EncoderConfig:
-        for name in ("num_mel_bins", "d_model", "encoder_attention_heads", "encoder_ffn_dim",
-                     "max_source_positions", "quantize_position", "quantize_vocab_size"):
+        for name in (
+            "num_mel_bins",
+            "d_model",
+            "encoder_attention_heads",
+            "encoder_ffn_dim",
+            "max_source_positions",
+            "quantize_position",
+            "quantize_vocab_size",
+        ):
             if getattr(self, name) <= 0:
                 _bad(name, f"must be positive, got {getattr(self, name)}")
         if self.d_model % self.encoder_attention_heads:
-            _bad("encoder_attention_heads", f"{self.encoder_attention_heads} does not divide d_model {self.d_model}")
+            _bad(
+                "encoder_attention_heads",
+                f"{self.encoder_attention_heads} does not divide d_model {self.d_model}",
+            )
         if self.pooling_type != "avg":
             _bad("pooling_type", f"only 'avg' is supported, got {self.pooling_type!r}")
         if self.pooling_kernel_size is None or self.pooling_position is None:
-            _bad("pooling_kernel_size", "the MOSS codec pools before quantizing; pooling_kernel_size/position required")
+            _bad(
+                "pooling_kernel_size",
+                "the MOSS codec pools before quantizing; pooling_kernel_size/position required",
+            )
         if not 0 < self.pooling_position <= self.quantize_position:
             _bad("pooling_position", f"must be in 1..quantize_position ({self.quantize_position})")
         if self.quantize_position > self.encoder_layers:
@@ -159,7 +174,9 @@ class FlowEncoderConfig(_Schema):
     attention_heads: int = 8
     linear_units: int = 2048
     num_blocks: int = 6
-    num_up_blocks: int = 4  # fixed at 4 in the reference module; a config field here so the tiny codec can shrink it
+    num_up_blocks: int = (
+        4  # fixed at 4 in the reference module; a config field here so the tiny codec can shrink it
+    )
     input_layer: str = "linear"
     pos_enc_layer_type: str = "rel_pos_espnet"
     selfattention_layer_type: str = "rel_selfattn"
@@ -173,9 +190,15 @@ class FlowEncoderConfig(_Schema):
     @model_validator(mode="after")
     def _check(self) -> FlowEncoderConfig:
         if self.output_size % self.attention_heads:
-            _bad("encoder.attention_heads", f"{self.attention_heads} does not divide output_size {self.output_size}")
+            _bad(
+                "encoder.attention_heads",
+                f"{self.attention_heads} does not divide output_size {self.output_size}",
+            )
         if self.input_size != self.output_size:
-            _bad("encoder.input_size", "must equal output_size (the pre-lookahead layer and upsampler use one width)")
+            _bad(
+                "encoder.input_size",
+                "must equal output_size (the pre-lookahead layer and upsampler use one width)",
+            )
         if self.macaron_style or self.use_cnn_module:
             _bad("encoder.macaron_style", "the CosyVoice2 flow encoder has no macaron FFN and no conv module")
         if not self.normalize_before:
@@ -201,9 +224,15 @@ class EstimatorConfig(_Schema):
     @model_validator(mode="after")
     def _check(self) -> EstimatorConfig:
         if len(self.channels) != 1:
-            _bad("estimator.channels", f"only one U-Net level (as in CosyVoice2) is supported, got {self.channels}")
+            _bad(
+                "estimator.channels",
+                f"only one U-Net level (as in CosyVoice2) is supported, got {self.channels}",
+            )
         if self.in_channels != 4 * self.out_channels:
-            _bad("estimator.in_channels", f"must be 4 x out_channels (x, mu, speaker, cond), got {self.in_channels}")
+            _bad(
+                "estimator.in_channels",
+                f"must be 4 x out_channels (x, mu, speaker, cond), got {self.in_channels}",
+            )
         if self.act_fn != "gelu":
             _bad("estimator.act_fn", f"only 'gelu' is supported, got {self.act_fn!r}")
         return self
@@ -334,8 +363,10 @@ class FlowYaml(_Schema):
         if self.hift.sampling_rate != self.sample_rate:
             _bad("hift.sampling_rate", f"{self.hift.sampling_rate} != sample_rate {self.sample_rate}")
         if self.feat_extractor.hop_size != self.hift.samples_per_frame:
-            _bad("feat_extractor.hop_size", f"{self.feat_extractor.hop_size} != HiFT samples per mel frame "
-                 f"{self.hift.samples_per_frame}")
+            _bad(
+                "feat_extractor.hop_size",
+                f"{self.feat_extractor.hop_size} != HiFT samples per mel frame {self.hift.samples_per_frame}",
+            )
         if self.feat_extractor.num_mels != self.flow.output_size:
             _bad("feat_extractor.num_mels", f"must equal flow output_size {self.flow.output_size}")
         return self

@@ -1,7 +1,8 @@
 """Whisper-VQ speech encoder (MOSS variant of the GLM-4-Voice tokenizer): log-mel -> 12.5 Hz codes.
 
 Causal everywhere: left-padded convolutions, triangular attention masks, zero right padding before pooling.
-Only the first `quantize_position` layers are built; extra layers (and `layer_norm`) in the checkpoint are ignored,
+Only the first `quantize_position` layers are built; extra layers (and `layer_norm`) in the checkpoint are
+ignored,
 as is `embed_positions2` (it is added after quantisation and cannot change the codes).
 Key names follow the checkpoint with the `encoder.` prefix stripped.
 """
@@ -38,7 +39,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -103,13 +106,14 @@ class WhisperVQEncoder(nn.Module):
         except Exception as e:
             raise CheckpointError(f"{ENCODER_WEIGHTS_NAME}: cannot read safetensors ({e})") from None
         model = cls(cfg)
-        state = {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
+        state = {k[len(PREFIX) :]: v for k, v in raw.items() if k.startswith(PREFIX)}
         load_into(model, ignored_encoder_keys(state, cfg), ENCODER_WEIGHTS_NAME)
         return model.eval()
 
 
 def ignored_encoder_keys(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[str, torch.Tensor]:
-    """Drop what the quantizer-only encoder never reads: layers at/after quantize_position, the final layer_norm,
+    """Drop what the quantizer-only encoder never reads: layers at/after quantize_position, the final
+    layer_norm,
     embed_positions2 and EMA codebook statistics. Everything else must match exactly."""
     keep = {}
     for k, v in state.items():

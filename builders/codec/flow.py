@@ -3,7 +3,8 @@
 Exportable pieces (no randomness inside, no data-dependent branches):
   * `FlowModel.encode(tokens, lookahead, lookahead_mask)` -> mu [B, 80, 4T]      (the "flow encoder" graph)
   * `FlowModel.decoder.estimator(x, mask, mu, t, spks, cond)` -> velocity        (the "estimator" graph)
-The Euler loop with classifier-free guidance runs around the estimator (`solve`), with the starting noise taken
+The Euler loop with classifier-free guidance runs around the estimator (`solve`), with the starting noise
+taken
 from the reference's fixed buffer (seed 0, 15000 frames) at absolute mel positions.
 """
 
@@ -55,15 +56,20 @@ class FlowModel(nn.Module):
         """x-vector [B, 192] -> [B, 80]."""
         return self.spk_embed_affine_layer(F.normalize(xvector, dim=1))
 
-    def encode(self, tokens: torch.Tensor, lookahead: torch.Tensor, lookahead_mask: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (prompt + window), lookahead [B, L] with mask [B, L] (0 = end of speech) -> mu [B, 80, rT]."""
+    def encode(
+        self, tokens: torch.Tensor, lookahead: torch.Tensor, lookahead_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [B, T] (prompt + window), lookahead [B, L] with mask [B, L] (0 = end of speech) -> mu [B,
+        80, rT]."""
         x = self.input_embedding(tokens.clamp(min=0))
         ctx = self.input_embedding(lookahead.clamp(min=0))
         h = self.encoder(x, ctx, lookahead_mask.unsqueeze(-1).to(x.dtype), self.chunked)
         return self.encoder_proj(h).transpose(1, 2)
 
     @torch.inference_mode()
-    def solve(self, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def solve(
+        self, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
         """Euler ODE from noise z to mel with classifier-free guidance; all [1, 80, T] except spks [1, 80]."""
         cfm = self.cfg.cfm_params
         n = cfm.n_timesteps
@@ -85,10 +91,13 @@ class FlowModel(nn.Module):
 
     @classmethod
     def from_dir(cls, codec_dir: Path, cfg: FlowConfig, chunk: int = 0, chunked: bool = True) -> FlowModel:
-        """Load flow.pt (chunk 0) or flow-chunk-{5,25}.pt. Non-strict like the reference: keys the network does not
+        """Load flow.pt (chunk 0) or flow-chunk-{5,25}.pt. Non-strict like the reference: keys the network
+        does not
         use are ignored (returned in `ignored_keys`); missing or mis-shaped keys fail."""
         if chunk not in FLOW_WEIGHTS_NAMES:
-            raise CheckpointError(f"no flow checkpoint for chunk size {chunk}; have {sorted(FLOW_WEIGHTS_NAMES)}")
+            raise CheckpointError(
+                f"no flow checkpoint for chunk size {chunk}; have {sorted(FLOW_WEIGHTS_NAMES)}"
+            )
         name = FLOW_WEIGHTS_NAMES[chunk]
         model = cls(cfg, chunked=chunked)
         state = read_torch_state(codec_dir / FLOW_DIR / name)

@@ -1,11 +1,13 @@
 """Flow token encoder (CosyVoice2 `UpsampleConformerEncoder`): token embeddings -> mel-rate features.
 
 linear+LayerNorm input layer with ESPnet relative positions, a pre-lookahead conv layer, conformer layers
-(relative-position attention, no macaron FFN, no conv module), nearest x`upsample_stride` + causal conv, a second
+(relative-position attention, no macaron FFN, no conv module), nearest x`upsample_stride` + causal conv, a
+second
 input layer, more conformer layers, final LayerNorm.
 
 Deviation: the reference hard-codes width 512 in `pre_lookahead_layer` and `up_layer`; here they use
-`output_size` (512 in the real config, smaller in the tiny codec), and the up-block count (4 in the reference) is
+`output_size` (512 in the real config, smaller in the tiny codec), and the up-block count (4 in the reference)
+is
 the config field `num_up_blocks`.
 """
 
@@ -30,7 +32,8 @@ def chunk_mask(size: int | torch.Tensor, chunk: int, device: torch.device) -> to
 
 
 def rel_positions(t: int | torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
-    """ESPnet relative sinusoids for offsets T-1 ... -(T-1): [1, 2T-1, dim] (sin on even, cos on odd channels)."""
+    """ESPnet relative sinusoids for offsets T-1 ... -(T-1): [1, 2T-1, dim] (sin on even, cos on odd
+    channels)."""
     n = torch.as_tensor(t, device=device)
     rel = torch.arange(0, 2 * n - 1, device=device, dtype=torch.float32)
     rel = (n - 1).to(torch.float32) - rel
@@ -40,7 +43,8 @@ def rel_positions(t: int | torch.Tensor, dim: int, device: torch.device) -> torc
 
 
 class LinearInput(nn.Module):
-    """`LinearNoSubsampling`: keys out.0 (Linear), out.1 (LayerNorm); scales by sqrt(d) like the pos encoder."""
+    """`LinearNoSubsampling`: keys out.0 (Linear), out.1 (LayerNorm); scales by sqrt(d) like the pos
+    encoder."""
 
     def __init__(self, idim: int, odim: int):
         super().__init__()
@@ -66,7 +70,8 @@ class RelPositionAttention(nn.Module):
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
-        """[B, H, T, 2T-1] scores by relative offset -> [B, H, T, T] scores by key position (Transformer-XL)."""
+        """[B, H, T, 2T-1] scores by relative offset -> [B, H, T, T] scores by key position
+        (Transformer-XL)."""
         b, h, t, n = x.shape
         x = F.pad(x, (1, 0)).view(b, h, n + 1, t)[:, :, 1:].reshape(b, h, t, n)
         return x[..., : n // 2 + 1]
@@ -117,7 +122,8 @@ class PreLookaheadLayer(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C]; context [B, lookahead, C]: the embedded lookahead tokens (zeros at the end of speech)."""
+        """x [B, T, C]; context [B, lookahead, C]: the embedded lookahead tokens (zeros at the end of
+        speech)."""
         y = torch.cat([x, context], dim=1).transpose(1, 2)
         y = F.leaky_relu(self.conv1(y))
         y = self.conv2(F.pad(y, (2, 0)))
@@ -148,8 +154,9 @@ class UpsampleConformerEncoder(nn.Module):
         self.up_encoders = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.num_up_blocks))
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, xs: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor,
-                chunked: bool) -> torch.Tensor:
+    def forward(
+        self, xs: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, chunked: bool
+    ) -> torch.Tensor:
         """xs [B, T, C] token embeddings, context [B, L, C] lookahead embeddings with mask [B, L, 1]
         -> [B, T * stride, C]."""
         chunk = self.cfg.static_chunk_size if chunked else 0

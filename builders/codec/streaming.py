@@ -1,7 +1,8 @@
 """The stateless vocoder contract shared by the LLM streamer, the Triton vocoder model and the codec.
 
 A `DecodeWindow` carries everything needed to render one chunk of speech: left-context tokens (re-decoded, not
-returned), the new chunk, lookahead tokens (empty on the final window), the absolute position of its first token
+returned), the new chunk, lookahead tokens (empty on the final window), the absolute position of its first
+token
 (seeds the noise), the voice id and the finalize flag. `SpeechCodec.decode_chunk(window)` returns exactly
 `n_chunk * samples_per_token` PCM samples. Nothing is remembered between calls.
 """
@@ -30,7 +31,9 @@ class DecodeWindow(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> DecodeWindow:
         if self.n_context + self.n_chunk > len(self.tokens):
-            raise ValueError(f"n_context + n_chunk = {self.n_context + self.n_chunk} > {len(self.tokens)} tokens")
+            raise ValueError(
+                f"n_context + n_chunk = {self.n_context + self.n_chunk} > {len(self.tokens)} tokens"
+            )
         if self.finalize and self.n_lookahead:
             raise ValueError("a finalize window has no lookahead tokens")
         bad = [t for t in self.tokens if not 0 <= t < SPEECH_CODEBOOK_SIZE]
@@ -59,8 +62,13 @@ def chunk_bounds(total: int, cfg: StreamingConfig) -> list[tuple[int, int]]:
     return bounds
 
 
-def ready_windows(tokens: Sequence[int], emitted: int, finished: bool, cfg: StreamingConfig,
-                  voice_id: str = DEFAULT_VOICE_ID) -> list[DecodeWindow]:
+def ready_windows(
+    tokens: Sequence[int],
+    emitted: int,
+    finished: bool,
+    cfg: StreamingConfig,
+    voice_id: str = DEFAULT_VOICE_ID,
+) -> list[DecodeWindow]:
     """Windows that can be decoded now, for an utterance whose first `emitted` tokens are already rendered.
 
     `tokens` is everything generated so far; a chunk is ready once its lookahead exists, or when `finished`.
@@ -80,7 +88,15 @@ def ready_windows(tokens: Sequence[int], emitted: int, finished: bool, cfg: Stre
         else:
             break
         ctx_start = max(0, start - cfg.context_tokens)
-        out.append(DecodeWindow(tokens=list(tokens[ctx_start:look_end]), n_context=start - ctx_start,
-                                n_chunk=end - start, first_position=ctx_start, voice_id=voice_id, finalize=final))
+        out.append(
+            DecodeWindow(
+                tokens=list(tokens[ctx_start:look_end]),
+                n_context=start - ctx_start,
+                n_chunk=end - start,
+                first_position=ctx_start,
+                voice_id=voice_id,
+                finalize=final,
+            )
+        )
         start, size = end, cfg.chunk_tokens
     return out

@@ -43,8 +43,13 @@ from .hift import HiFTGenerator
 from .xvector import write_tiny_campplus
 
 TINY_ENCODER = {
-    "d_model": 32, "encoder_layers": 3, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
-    "pooling_position": 1, "quantize_position": 2, "max_source_positions": 1500,
+    "d_model": 32,
+    "encoder_layers": 3,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "pooling_position": 1,
+    "quantize_position": 2,
+    "max_source_positions": 1500,
 }
 
 TINY_FLOW_YAML = """\
@@ -166,18 +171,28 @@ def _write_encoder(out: Path, seed: int) -> None:
         model.embed_positions.weight.copy_(_sinusoids(cfg.max_source_positions, cfg.d_model))
     state = {f"encoder.{k}": v for k, v in model.state_dict().items()}
     # keys the real checkpoint also holds but the quantizer-only encoder never reads
-    extra = WhisperVQEncoder(EncoderConfig(**{**TINY_ENCODER, "quantize_position": cfg.encoder_layers,
-                                              "pooling_position": 1}))
+    extra = WhisperVQEncoder(
+        EncoderConfig(**{**TINY_ENCODER, "quantize_position": cfg.encoder_layers, "pooling_position": 1})
+    )
     for k, v in extra.state_dict().items():
         if k.startswith(f"layers.{cfg.quantize_position}."):
             state[f"encoder.{k}"] = v
     state["encoder.layer_norm.weight"] = torch.ones(cfg.d_model)
     state["encoder.layer_norm.bias"] = torch.zeros(cfg.d_model)
-    state["encoder.embed_positions2.weight"] = _sinusoids(math.ceil(cfg.max_source_positions / 4), cfg.d_model)
+    state["encoder.embed_positions2.weight"] = _sinusoids(
+        math.ceil(cfg.max_source_positions / 4), cfg.d_model
+    )
     save_file(_half(state), str(out / ENCODER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = cfg.model_dump()
-    config.update({"architectures": ["WhisperVQEncoder"], "model_type": "whisper", "decoder_layers": 0,
-                   "torch_dtype": "float32", "vocab_size": 51866})
+    config.update(
+        {
+            "architectures": ["WhisperVQEncoder"],
+            "model_type": "whisper",
+            "decoder_layers": 0,
+            "torch_dtype": "float32",
+            "vocab_size": 51866,
+        }
+    )
     (out / ENCODER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
     (out / PREPROCESSOR_CONFIG_NAME).write_text(json.dumps(PreprocessorConfig().model_dump(), indent=2))
 
@@ -201,7 +216,7 @@ def write_tiny_codec(out_dir: Path, seed: int = 0) -> None:
     _write_encoder(out_dir, seed)
     (out_dir / FLOW_DIR / FLOW_CONFIG_NAME).write_text(TINY_FLOW_YAML)
     fy = FlowYaml.from_dir(out_dir)
-    for i, (chunk, name) in enumerate(sorted(FLOW_WEIGHTS_NAMES.items())):
+    for i, (_chunk, name) in enumerate(sorted(FLOW_WEIGHTS_NAMES.items())):
         torch.manual_seed(seed * 1000 + 10 + i)
         flow = FlowModel(fy.flow)
         with torch.no_grad():
@@ -213,8 +228,12 @@ def write_tiny_codec(out_dir: Path, seed: int = 0) -> None:
     hift = HiFTGenerator(fy.hift)
     with torch.no_grad():
         # keep the random magnitudes (exp of conv_post) small so the output does not sit on the +-0.99 clamp
-        hift.conv_post.weight.mul_(0.1)
+        hift.conv_post.weight.mul_(0.3)
         hift.conv_post.bias.fill_(-1.0)
+        # default init leaves the output nearly independent of the mel; strengthen the mel path
+        hift.conv_pre.weight.mul_(5.0)
+        for m in hift.ups:
+            m.weight.mul_(3.0)
         for m in hift.f0_predictor.condnet.values():
             m.weight.mul_(2.0)
     torch.save(_half(_weight_norm_state(hift.state_dict())), out_dir / FLOW_DIR / HIFT_WEIGHTS_NAME)

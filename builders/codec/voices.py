@@ -1,4 +1,5 @@
-"""Voices: a prompt recording -> (prompt codes, prompt mel, x-vector), computed once and cached by voice id."""
+"""Voices: a prompt recording -> (prompt codes, prompt mel, x-vector), computed once and cached by voice
+id."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from torch import nn
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match the network; the message lists every missing/unexpected/mis-shaped key."""
+    """A checkpoint that does not match the network; the message lists every missing/unexpected/mis-shaped
+    key."""
 
 
 def _short(keys: Iterable[str], limit: int = 40) -> str:
@@ -22,8 +23,8 @@ def _short(keys: Iterable[str], limit: int = 40) -> str:
 def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn both weight-norm storage styles into a plain `weight`.
 
-    `parametrizations.weight.original0/original1` (torch >= 2.1) and `weight_g/weight_v` (older) store the same
-    g (norm, one per output channel, dim 0) and v (direction).
+    `parametrizations.weight.original0/original1` (torch >= 2.1) and `weight_g/weight_v` (older) store
+    the same g (norm, one per output channel, dim 0) and v (direction).
     """
     out: dict[str, torch.Tensor] = {}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -48,15 +49,20 @@ def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
-              strict_unexpected: bool = True) -> list[str]:
-    """Copy `state` into `module` (cast to the module dtype). Missing and mis-shaped keys always fail; unexpected
+def load_into(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, strict_unexpected: bool = True
+) -> list[str]:
+    """Copy `state` into `module` (cast to the module dtype). Missing and mis-shaped keys always fail;
+    unexpected
     keys fail only when `strict_unexpected`. Returns the ignored (unexpected) keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} (want {tuple(own[k].shape)})"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (want {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_short(missing)}")

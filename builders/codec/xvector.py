@@ -51,7 +51,8 @@ def write_tiny_campplus(path: Path, seed: int = 0) -> None:
         helper.make_node("Add", ["proj", "B"], ["output"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_campplus",
+        nodes,
+        "tiny_campplus",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "frames", FBANK_BINS])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", XVECTOR_DIM])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"), axes],

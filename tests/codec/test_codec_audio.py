@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from moss_speech.builders.codec.audio import AudioError, PromptMel, WhisperMel, load_audio, slaney_mel_filters
 from moss_speech.builders.codec.config import AudioLimits, PreprocessorConfig, PromptMelConfig
 
@@ -77,8 +76,14 @@ def test_prompt_mel_frames_and_values():
     pcm = torch.randn(1, 24000) * 0.1
     mel = PromptMel(cfg)(pcm)
     assert mel.shape == (1, 80, 24000 // 480)
-    spec = torch.stft(torch.nn.functional.pad(pcm[None], (720, 720), mode="reflect")[0], 1920, 480,
-                      window=torch.hann_window(1920), center=False, return_complex=True)
+    spec = torch.stft(
+        torch.nn.functional.pad(pcm[None], (720, 720), mode="reflect")[0],
+        1920,
+        480,
+        window=torch.hann_window(1920),
+        center=False,
+        return_complex=True,
+    )
     mag = torch.sqrt(spec.real**2 + spec.imag**2 + 1e-9)
     fb = torch.from_numpy(slaney_mel_filters(24000, 1920, 80, 0, 8000))
     torch.testing.assert_close(mel, torch.log(torch.clamp(fb @ mag, min=1e-5)), atol=1e-3, rtol=1e-4)

@@ -5,20 +5,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from moss_speech.builders.codec.config import CodecConfigError, EncoderConfig, FlowYaml
 from moss_speech.builders.codec.encoder import WhisperVQEncoder
 from moss_speech.builders.codec.flow import FlowModel
 from moss_speech.builders.codec.hift import HiFTGenerator
 from moss_speech.builders.codec.weights import CheckpointError
+from safetensors.torch import load_file, save_file
 
 
 def _speechy(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n) / 16000
-    return (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * np.sin(3 * t))) + 0.05 * rng.standard_normal(n)).astype(
-        np.float32)
+    return (
+        0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * np.sin(3 * t))) + 0.05 * rng.standard_normal(n)
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("samples", [1, 1279, 1280, 1281, 16000, 40000, 16000 * 31 + 5])
@@ -50,7 +50,7 @@ def test_encoder_hidden_states_of_prefix_unchanged_and_audio_matters(codec):
     torch.testing.assert_close(h1[:, :-1], h2[:, : h1.shape[1] - 1], atol=1e-5, rtol=1e-5)
     # sensitivity: changing audio early in the prefix changes later hidden states (the check can fail)
     changed = prefix.copy()
-    changed[1280 * 2: 1280 * 3] = np.roll(changed[1280 * 2: 1280 * 3], 333) * 0.5
+    changed[1280 * 2 : 1280 * 3] = np.roll(changed[1280 * 2 : 1280 * 3], 333) * 0.5
     with torch.no_grad():
         h3 = codec.encoder.hidden(codec.mel(torch.from_numpy(changed)[None]))
     assert not torch.allclose(h1[:, 4:], h3[:, 4:], atol=1e-3)
@@ -109,8 +109,11 @@ def test_hift_strict_and_both_weight_norm_styles(tiny_codec_dir, tmp_path):
     state = torch.load(d / "flow" / "hift.pt")
     old = {}
     for k, v in state.items():  # rewrite as weight_g / weight_v
-        old[k.replace("parametrizations.weight.original0", "weight_g")
-               .replace("parametrizations.weight.original1", "weight_v")] = v
+        old[
+            k.replace("parametrizations.weight.original0", "weight_g").replace(
+                "parametrizations.weight.original1", "weight_v"
+            )
+        ] = v
     assert any(k.endswith("weight_g") for k in old)
     torch.save({f"generator.{k}": v for k, v in old.items()}, d / "flow" / "hift.pt")
     with torch.no_grad():
