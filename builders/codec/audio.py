@@ -1,10 +1,8 @@
 """Audio input and spectral frontends.
 
 Input: any of WAV/FLAC/OGG bytes, a path, or an array (int16 or float, mono or [samples, channels]) with its
-rate.
-Everything is turned into float32 mono in [-1, 1] and resampled with soxr. Bad input raises `AudioError`,
-which
-carries `kind` so the gRPC service can map it (INVALID_ARGUMENT vs RESOURCE_EXHAUSTED).
+rate. Everything is turned into float32 mono in [-1, 1] and resampled with soxr. Bad input raises
+`AudioError`, which carries `kind` so the gRPC service can map it (INVALID_ARGUMENT vs RESOURCE_EXHAUSTED).
 
 The spectral frontends are torch modules that export to ONNX: the STFT is a conv1d with a windowed DFT basis
 (no complex tensors), the mel filterbanks are constant matrices.

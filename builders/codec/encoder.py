@@ -2,9 +2,8 @@
 
 Causal everywhere: left-padded convolutions, triangular attention masks, zero right padding before pooling.
 Only the first `quantize_position` layers are built; extra layers (and `layer_norm`) in the checkpoint are
-ignored,
-as is `embed_positions2` (it is added after quantisation and cannot change the codes).
-Key names follow the checkpoint with the `encoder.` prefix stripped.
+ignored, as is `embed_positions2` (it is added after quantisation and cannot change the codes). Key names
+follow the checkpoint with the `encoder.` prefix stripped.
 """
 
 from __future__ import annotations

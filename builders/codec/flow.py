@@ -4,8 +4,7 @@ Exportable pieces (no randomness inside, no data-dependent branches):
   * `FlowModel.encode(tokens, lookahead, lookahead_mask)` -> mu [B, 80, 4T]      (the "flow encoder" graph)
   * `FlowModel.decoder.estimator(x, mask, mu, t, spks, cond)` -> velocity        (the "estimator" graph)
 The Euler loop with classifier-free guidance runs around the estimator (`solve`), with the starting noise
-taken
-from the reference's fixed buffer (seed 0, 15000 frames) at absolute mel positions.
+taken from the reference's fixed buffer (seed 0, 15000 frames) at absolute mel positions.
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 
 linear+LayerNorm input layer with ESPnet relative positions, a pre-lookahead conv layer, conformer layers
 (relative-position attention, no macaron FFN, no conv module), nearest x`upsample_stride` + causal conv, a
-second
-input layer, more conformer layers, final LayerNorm.
+second input layer, more conformer layers, final LayerNorm.
 
 Deviation: the reference hard-codes width 512 in `pre_lookahead_layer` and `up_layer`; here they use
 `output_size` (512 in the real config, smaller in the tiny codec), and the up-block count (4 in the reference)
-is
-the config field `num_up_blocks`.
+is the config field `num_up_blocks`.
 """
 
 from __future__ import annotations

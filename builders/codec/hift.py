@@ -1,11 +1,9 @@
 """HiFT vocoder (CosyVoice2 `HiFTGenerator`, 24 kHz): mel [B, 80, T] -> PCM [B, 480 T].
 
 F0 predictor -> harmonic sine source (NSF) -> source STFT fused at every upsampling level -> Snake ResBlocks
-->
-magnitude/phase -> iSTFT. STFT and iSTFT are conv1d / conv_transpose1d with DFT bases, so the whole network
+-> magnitude/phase -> iSTFT. STFT and iSTFT are conv1d / conv_transpose1d with DFT bases, so the whole network
 exports to ONNX. The source noise is an input (`noise` [B, harmonics+1, 480 T]) so the graph has no
-randomness;
-`source_noise` draws it per absolute token position.
+randomness; `source_noise` draws it per absolute token position.
 
 Checkpoint: hift.pt is loaded strictly; weight norm is folded from either storage style.
 Known difference to the reference: the harmonic phase is integrated from the first frame of the decoded window

@@ -2,9 +2,8 @@
 
 A `DecodeWindow` carries everything needed to render one chunk of speech: left-context tokens (re-decoded, not
 returned), the new chunk, lookahead tokens (empty on the final window), the absolute position of its first
-token
-(seeds the noise), the voice id and the finalize flag. `SpeechCodec.decode_chunk(window)` returns exactly
-`n_chunk * samples_per_token` PCM samples. Nothing is remembered between calls.
+token (seeds the noise), the voice id and the finalize flag. `SpeechCodec.decode_chunk(window)` returns
+exactly `n_chunk * samples_per_token` PCM samples. Nothing is remembered between calls.
 """
 
 from __future__ import annotations
