@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from moss_speech.services.triton_server import TritonServer, find_binary
 
 StartServer = Callable[..., TritonServer]
@@ -42,9 +41,9 @@ def tritonserver_available() -> bool:
 
 @pytest.fixture
 def triton_server(request: pytest.FixtureRequest) -> Iterator[StartServer]:
-    """Factory: `triton_server(repo, **TritonServer kwargs)` starts a server on free ports and waits for ready.
+    """Factory: `triton_server(repo, **TritonServer kwargs)` starts a server on free ports, waits for ready.
 
-    Every server started is stopped at teardown; its last log lines are printed (pytest shows them on failure).
+    Every server started is stopped at teardown; its last log lines are printed (shown on failure).
     """
     if not tritonserver_available():
         pytest.skip("no tritonserver (install the triton-local extra or run inside NVIDIA's container)")

@@ -13,8 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tritonharness import tritonserver_available, write_model
-
 from moss_speech.services.triton_server import (
     TritonServer,
     TritonStartError,
@@ -22,6 +20,7 @@ from moss_speech.services.triton_server import (
     free_port,
     prepare_wheel_binary,
 )
+from tritonharness import tritonserver_available, write_model
 
 ADD_ONE = """
 import triton_python_backend_utils as pb_utils
@@ -127,7 +126,8 @@ def test_not_ready_timeout_stops_server(triton_server, tmp_path: Path) -> None:
                 time.sleep(60)
         """,
     )
-    srv = TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=3, stop_timeout=5)
+    ports = dict(http_port=None, grpc_port=None, metrics_port=None)
+    srv = TritonServer(repo, **ports, ready_timeout=3, stop_timeout=5)
     with pytest.raises(TritonStartError, match="not ready after 3 s"):
         srv.start()
     assert srv.returncode is not None  # stopped, not left behind
