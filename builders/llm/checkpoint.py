@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,11 +86,26 @@ def iter_tensors(path: Path, weight_map: dict[str, str], dtype: torch.dtype,
                 yield key, f.get_tensor(key).to(device=device, dtype=dtype)
 
 
+@contextmanager
+def skip_weight_init():
+    """Module constructors skip their random init: every weight is about to be replaced by a loaded one
+    (on the meta device the init would also drag in torch's compiler stack for nothing)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                config: MossSpeechConfig | None = None) -> MossSpeechForCausalLM:
     path = Path(path)
     cfg = config or MossSpeechConfig.from_dir(path)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_weight_init():
         model = MossSpeechForCausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     weight_map = shard_files(path)

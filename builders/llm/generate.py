@@ -44,7 +44,7 @@ class SamplingParams(BaseModel):
 
     @classmethod
     def greedy(cls, **kw) -> SamplingParams:
-        return cls(do_sample=False, repetition_penalty=1.0, **kw)
+        return cls(**{"do_sample": False, "repetition_penalty": 1.0, **kw})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny checkpoints in the real layouts, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny MOSS-Speech checkpoint directory (LLM only), seed 0."""
+    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-llm")
+    write_tiny_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from moss_speech.builders.llm.model import MossSpeechForCausalLM
+
+    return MossSpeechForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def prompt_builder(tiny_dir, tiny_model):
+    from moss_speech.builders.llm.prompt import PromptBuilder
+
+    return PromptBuilder.from_dir(tiny_dir, tiny_model.config)
