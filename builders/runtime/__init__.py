@@ -1,0 +1,1 @@
+"""LLM runtimes behind one interface (`base.LLMRuntime`): torch (reference), onnxruntime, TensorRT."""
