@@ -104,6 +104,36 @@ class PromptBuilder:
         parts = [self.turn_rows(t) for t in turns] + [self.reply_prefix(output)]
         return torch.cat(parts)
 
+    def continue_conversation(self, history: torch.Tensor | None, turn: Turn, output: Modality,
+                              system_prompt: str | None = None) -> torch.Tensor:
+        """Prompt for one more turn after `history` (rows of earlier exchanges, see `exchange_rows`).
+
+        Same rules as `build`: an explicit system prompt goes first, otherwise the default one is appended after
+        the conversation, as the reference does.
+        """
+        if output not in DEFAULT_SYSTEM_PROMPTS:
+            raise ValueError(f"output modality must be 'speech' or 'text', got {output!r}")
+        parts = []
+        if system_prompt is not None:
+            parts.append(self.turn_rows(Turn("system", text=system_prompt)))
+        if history is not None and history.numel():
+            if history.ndim != 2 or history.shape[1] != 2:
+                raise ValueError(f"history rows must be [n, 2], got {list(history.shape)}")
+            parts.append(history.to(torch.long))
+        parts.append(self.turn_rows(turn))
+        if system_prompt is None:
+            parts.append(self.turn_rows(Turn("system", text=DEFAULT_SYSTEM_PROMPTS[output])))
+        parts.append(self.reply_prefix(output))
+        return torch.cat(parts)
+
+    def exchange_rows(self, turn: Turn, output: Modality, generated: torch.Tensor) -> torch.Tensor:
+        """History rows of one finished exchange: the user turn, then the assistant turn (reply prefix, the
+        generated rows, closed with <|im_end|> if generation stopped early, and the turn's newline)."""
+        rows = [self.turn_rows(turn), self.reply_prefix(output), generated.to(torch.long)]
+        closed = generated.numel() and int(generated[-1, 0]) == IM_END_ID
+        rows.append(self.text_rows(self.encode("\n" if closed else "<|im_end|>\n")))
+        return torch.cat(rows)
+
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of generated text-channel tokens (pads, SOSP and the chat markers dropped)."""
         skip = {self.cfg.modality_pad_token_id, self.cfg.sosp_token_id, ENDOFTEXT_ID, IM_END_ID, IM_START_ID}

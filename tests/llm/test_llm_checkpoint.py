@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from moss_speech.builders.config import ConfigError, MossSpeechConfig
 from moss_speech.builders.llm.checkpoint import INDEX_NAME, CheckpointError, load_model
 from moss_speech.builders.llm.tokenizer import load_tokenizer
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 def test_tiny_checkpoint_is_in_the_real_layout(tiny_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moss_speech.builders.config import ENDOFTEXT_ID, IM_END_ID
 from moss_speech.builders.llm.generate import (
     SamplingParams,

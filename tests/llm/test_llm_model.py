@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from moss_speech.builders.llm.generate import left_pad
 from moss_speech.builders.llm.kv import ConcatKVCache, StaticKVCache
 

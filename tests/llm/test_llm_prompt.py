@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from moss_speech.builders.llm.prompt import DEFAULT_SYSTEM_PROMPTS, Turn
 
 SOSP, EOSP, MPAD, APAD = 151646, 16384, 151667, 512

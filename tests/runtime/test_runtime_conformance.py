@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moss_speech.builders.llm.generate import ContextLengthError, SamplingParams, SequenceState, generate
 from moss_speech.builders.llm.prompt import Turn
 from moss_speech.builders.runtime.base import NoFreeSlotError
