@@ -1,0 +1,1 @@
+"""Exporters (ONNX graphs) and engine builders (TensorRT) for the serving artifacts."""
