@@ -1,0 +1,259 @@
+"""Export the speech codec to ONNX: five graphs plus the per-voice speaker projection, with a manifest.
+
+Split (and why):
+  * `whisper_mel.onnx`     pcm [B, S] -> mel [B, 128, S/160]. Separate from the encoder because the Whisper
+    log-mel has an utterance-global floor and a reflect pad at the end, so right-padding PCM in a batch would
+    change the mel of the shorter items; the runtime computes it per segment (equal lengths batch together).
+  * `speech_encoder.onnx`  mel [B, 128, T] -> codes [B, ceil(T/8)] int64. Fully causal, so mels of different
+    lengths batch exactly with right padding (codes past an item's own length are dropped).
+  * `flow_encoder.onnx`    tokens [B, T] int64 + lengths [B] -> mu [B, 80, 4T]. Prompt + window tokens,
+    right-padded; `PaddedFlowEncoder` masks the padding so each row equals `FlowModel.encode` on its own.
+  * `flow_estimator.onnx`  (x, mask, mu, t, spks, cond) -> velocity. One Euler step; the 10-step CFG loop stays
+    outside (as in CosyVoice2 serving) so TensorRT gets one small engine and the step count stays a setting.
+  * `hift.onnx`            mel [B, 80, T], noise [B, 9, 480T] -> pcm [B, 480T]. Noise is an input (seeded by
+    absolute position outside) so the graph is deterministic.
+Voice conditioning stays outside the graphs: prompt codes and mel per voice, and the x-vector -> 80-d speaker
+projection, whose weights go to `speaker.npz` (run once per voice in numpy).
+
+Exported with the TorchScript exporter (`dynamo=False`, opset 17, dynamic_axes): single self-contained files,
+no onnxscript dependency. Example inputs use sizes >= 2 on every dynamic axis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..codec.codec import SpeechCodec
+from ..codec.config import StreamingConfig
+from ..codec.flow import FlowModel
+from ..codec.flow_encoder import chunk_mask
+
+OPSET = 17
+MANIFEST_NAME = "codec_onnx.json"
+SPEAKER_NAME = "speaker.npz"
+GRAPHS = ("whisper_mel", "speech_encoder", "flow_encoder", "flow_estimator", "hift")
+
+
+@dataclass
+class ExportInfo:
+    name: str
+    path: str
+    inputs: dict[str, list[int | str]]  # symbolic shapes: str = dynamic axis
+    outputs: dict[str, list[int | str]]
+    dtypes: dict[str, str]
+    bytes: int
+    seconds: float
+    opset: int = OPSET
+    extra: dict = field(default_factory=dict)
+
+
+class PaddedFlowEncoder(nn.Module):
+    """`FlowModel.encode` over right-padded rows: tokens [B, T] (prompt + window), lengths [B] -> mu [B, 80, rT].
+
+    Row b equals `flow.encode(tokens[b:b+1, :lengths[b]], zeros, zeros)` on its first r*lengths[b] frames:
+    padded embeddings are zeroed (they play the empty lookahead past the window's end) and padded keys are
+    masked in every attention; the convolutions after the pre-lookahead layer are causal.
+    """
+
+    def __init__(self, flow: FlowModel):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        flow, enc = self.flow, self.flow.encoder
+        cfg = enc.cfg
+        chunk = cfg.static_chunk_size if flow.chunked else 0
+        stride = cfg.upsample_stride
+        n = tokens.shape[1]
+        valid = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # [B, T]
+        x, pos = enc.embed(flow.input_embedding(tokens.clamp(min=0)))
+        x = x * valid.unsqueeze(-1).to(x.dtype)
+        ctx = torch.zeros_like(x[:, :1]).expand(-1, flow.cfg.pre_lookahead_len, -1)
+        mask = chunk_mask(n, chunk, x.device)[None] & valid[:, None, :]  # [B, T, T]
+        x = enc.pre_lookahead_layer(x, ctx)
+        for layer in enc.encoders:
+            x = layer(x, mask.unsqueeze(1), pos)
+        x = enc.up_layer(x.transpose(1, 2)).transpose(1, 2)
+        x, pos = enc.up_embed(x)
+        valid = torch.repeat_interleave(valid, stride, dim=1)
+        mask = chunk_mask(x.shape[1], chunk * stride, x.device)[None] & valid[:, None, :]
+        for layer in enc.up_encoders:
+            x = layer(x, mask.unsqueeze(1), pos)
+        return flow.encoder_proj(enc.after_norm(x)).transpose(1, 2)
+
+
+@dataclass
+class _Spec:
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    inputs: dict[str, list[int | str]]
+    outputs: dict[str, list[int | str]]
+    dtypes: dict[str, str]
+
+
+def graph_specs(codec: SpeechCodec) -> dict[str, _Spec]:
+    """Module, example inputs and symbolic I/O shapes of every graph (example sizes >= 2 on dynamic axes)."""
+    n_mels = codec.pre_cfg.feature_size
+    mels = codec.flow_yaml.flow.output_size
+    ratio = codec.flow_yaml.flow.token_mel_ratio
+    harm = codec.flow_yaml.hift.nb_harmonics + 1
+    hop = codec.flow_yaml.hift.samples_per_frame
+    fpc = codec.encoder_cfg.frames_per_code
+    f32, i64 = "float32", "int64"
+    t = 12  # tokens in the example
+    return {
+        "whisper_mel": _Spec(
+            codec.mel,
+            (0.1 * torch.randn(2, 2 * codec.samples_per_code_in),),
+            {"pcm": ["batch", "samples"]},
+            {"mel": ["batch", n_mels, "frames"]},
+            {"pcm": f32, "mel": f32},
+        ),
+        "speech_encoder": _Spec(
+            codec.encoder,
+            (torch.randn(2, n_mels, 4 * fpc),),
+            {"mel": ["batch", n_mels, "frames"]},
+            {"codes": ["batch", "codes"]},
+            {"mel": f32, "codes": i64},
+        ),
+        "flow_encoder": _Spec(
+            PaddedFlowEncoder(codec.flow),
+            (torch.randint(0, 16384, (2, t)), torch.tensor([t, t - 3])),
+            {"tokens": ["batch", "tokens"], "lengths": ["batch"]},
+            {"mu": ["batch", mels, "frames"]},
+            {"tokens": i64, "lengths": i64, "mu": f32},
+        ),
+        "flow_estimator": _Spec(
+            codec.flow.decoder.estimator,
+            (
+                torch.randn(2, mels, ratio * t),
+                torch.ones(2, 1, ratio * t),
+                torch.randn(2, mels, ratio * t),
+                torch.rand(2),
+                torch.randn(2, mels),
+                torch.randn(2, mels, ratio * t),
+            ),
+            {
+                "x": ["batch", mels, "frames"],
+                "mask": ["batch", 1, "frames"],
+                "mu": ["batch", mels, "frames"],
+                "t": ["batch"],
+                "spks": ["batch", mels],
+                "cond": ["batch", mels, "frames"],
+            },
+            {"velocity": ["batch", mels, "frames"]},
+            {k: f32 for k in ("x", "mask", "mu", "t", "spks", "cond", "velocity")},
+        ),
+        "hift": _Spec(
+            codec.hift,
+            (torch.randn(2, mels, 6), torch.randn(2, harm, 6 * hop)),
+            {"mel": ["batch", mels, "frames"], "noise": ["batch", harm, "samples"]},
+            {"pcm": ["batch", "samples"]},
+            {"mel": f32, "noise": f32, "pcm": f32},
+        ),
+    }
+
+
+def _dynamic_axes(spec: _Spec) -> dict[str, dict[int, str]]:
+    return {
+        name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+        for name, shape in {**spec.inputs, **spec.outputs}.items()
+    }
+
+
+def export_graph(spec: _Spec, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation / tracer warnings on shape math
+        torch.onnx.export(
+            spec.module,
+            spec.example,
+            str(path),
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes=_dynamic_axes(spec),
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def export_codec_onnx(
+    codec_dir: Path | str,
+    out_dir: Path | str,
+    flow_chunk: int = 0,
+    streaming: StreamingConfig | None = None,
+    graphs: tuple[str, ...] = GRAPHS,
+) -> dict[str, ExportInfo]:
+    """Write the codec graphs, `speaker.npz` and `codec_onnx.json` to `out_dir`; returns ExportInfo by name.
+
+    `flow_chunk` picks flow.pt / flow-chunk-{5,25}.pt; `streaming.chunk_mask` is baked into the flow graphs
+    (recorded in the manifest, checked by the runtime).
+    """
+    codec_dir, out_dir = Path(codec_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    streaming = streaming or StreamingConfig()
+    codec = SpeechCodec(codec_dir, streaming=streaming, flow_chunk=flow_chunk)
+    torch.manual_seed(0)  # example inputs only
+    infos: dict[str, ExportInfo] = {}
+    for name, spec in graph_specs(codec).items():
+        if name not in graphs:
+            continue
+        path = out_dir / f"{name}.onnx"
+        start = time.perf_counter()
+        export_graph(spec, path)
+        infos[name] = ExportInfo(
+            name, path.name, spec.inputs, spec.outputs, spec.dtypes, path.stat().st_size,
+            round(time.perf_counter() - start, 3),
+        )
+    affine = codec.flow.spk_embed_affine_layer
+    np.savez(
+        out_dir / SPEAKER_NAME,
+        weight=affine.weight.detach().numpy().astype(np.float32),
+        bias=affine.bias.detach().numpy().astype(np.float32),
+    )
+    manifest = {
+        "codec_dir": str(codec_dir.resolve()),
+        "flow_chunk": flow_chunk,
+        "chunk_mask": streaming.chunk_mask,
+        "opset": OPSET,
+        "graphs": {k: asdict(v) for k, v in infos.items()},
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return infos
+
+
+def read_manifest(artifacts_dir: Path | str) -> dict:
+    path = Path(artifacts_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{MANIFEST_NAME} not found in {artifacts_dir}: run export_codec_onnx first")
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Export the MOSS-Speech codec to ONNX")
+    ap.add_argument("codec_dir", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--flow-chunk", type=int, default=0, choices=(0, 5, 25))
+    ap.add_argument("--no-chunk-mask", action="store_true", help="full attention in the flow graphs")
+    args = ap.parse_args()
+    infos = export_codec_onnx(
+        args.codec_dir, args.out_dir, args.flow_chunk, StreamingConfig(chunk_mask=not args.no_chunk_mask)
+    )
+    for info in infos.values():
+        print(f"{info.name:16s} {info.bytes / 1e6:8.2f} MB {info.seconds:6.2f} s  {info.inputs} -> {info.outputs}")
+
+
+if __name__ == "__main__":
+    main()
