@@ -1,0 +1,171 @@
+"""Conversation sessions: multi-turn history as token grids, bounded, idle-evicted, one turn at a time.
+
+A session keeps one `TURN_ROWS` grid ([rows, 2] int64, as the ensemble returns it) per finished turn; the next
+request sends their concatenation as `HISTORY`. Limits:
+- context: before a turn, the oldest turns are dropped until the history fits `max_context_tokens` rows; the
+  lease reports how many were dropped so the response can say so;
+- idle TTL: sessions unused for `ttl_seconds` are evicted (checked on every access and by a periodic sweep);
+- count: past `max_sessions` the least recently used idle session is evicted;
+- concurrency: a session runs one turn at a time; a second concurrent turn raises `SessionBusyError`
+  (the server maps it to FAILED_PRECONDITION).
+A failed or cancelled turn leaves the history unchanged. The store is used from one asyncio loop; the lock
+only guards against helper threads.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EMPTY_HISTORY = np.zeros((0, 2), dtype=np.int64)
+
+
+class SessionNotFoundError(KeyError):
+    def __init__(self, session_id: str):
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return f"unknown session {self.session_id!r} (never created, deleted, or evicted after its idle TTL)"
+
+
+class SessionBusyError(RuntimeError):
+    """Another turn of this session is running."""
+
+
+class SessionLimitError(RuntimeError):
+    """max_sessions reached and every session is busy."""
+
+
+@dataclass
+class Session:
+    session_id: str
+    system_prompt: str = ""
+    turns: deque[np.ndarray] = field(default_factory=deque)
+    created_unix: float = field(default_factory=time.time)
+    last_used: float = 0.0  # monotonic clock
+    last_used_unix: float = field(default_factory=time.time)
+    dropped_turns: int = 0
+    busy: bool = False
+
+    @property
+    def history_tokens(self) -> int:
+        return sum(len(t) for t in self.turns)
+
+    def history(self) -> np.ndarray:
+        return np.concatenate(list(self.turns)) if self.turns else EMPTY_HISTORY
+
+
+@dataclass
+class TurnLease:
+    """One running turn of a session: the history to send, and `commit` for the ensemble's TURN_ROWS."""
+
+    session: Session
+    history: np.ndarray
+    dropped_turns: int
+    committed: bool = False
+
+    def commit(self, turn_rows: np.ndarray) -> None:
+        rows = np.asarray(turn_rows, dtype=np.int64).reshape(-1, 2)
+        self.session.turns.append(rows)
+        self.committed = True
+
+
+class SessionStore:
+    def __init__(self, ttl_seconds: float, max_sessions: int, max_context_tokens: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_sessions = max_sessions
+        self.max_context_tokens = max_context_tokens
+        self._clock = clock
+        self._on_change = on_change or (lambda n: None)
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _touch(self, s: Session) -> None:
+        s.last_used = self._clock()
+        s.last_used_unix = time.time()
+        self._sessions.move_to_end(s.session_id)
+
+    def _expired(self, s: Session, now: float) -> bool:
+        return not s.busy and now - s.last_used > self.ttl_seconds
+
+    def evict_expired(self) -> int:
+        with self._lock:
+            now = self._clock()
+            gone = [sid for sid, s in self._sessions.items() if self._expired(s, now)]
+            for sid in gone:
+                del self._sessions[sid]
+            n = len(self._sessions)
+        if gone:
+            self._on_change(n)
+        return len(gone)
+
+    def create(self, system_prompt: str = "") -> Session:
+        self.evict_expired()
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                idle = next((sid for sid, s in self._sessions.items() if not s.busy), None)
+                if idle is None:
+                    raise SessionLimitError(f"max_sessions={self.max_sessions} reached and all are in use")
+                del self._sessions[idle]
+            s = Session(session_id=secrets.token_hex(16), system_prompt=system_prompt)
+            self._sessions[s.session_id] = s
+            self._touch(s)
+            n = len(self._sessions)
+        self._on_change(n)
+        return s
+
+    def get(self, session_id: str) -> Session:
+        self.evict_expired()
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise SessionNotFoundError(session_id)
+            return s
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise SessionNotFoundError(session_id)
+            n = len(self._sessions)
+        self._on_change(n)
+
+    def _fit(self, s: Session) -> int:
+        """Drop the oldest turns until the history fits the context budget; returns how many went."""
+        dropped = 0
+        while s.turns and s.history_tokens > self.max_context_tokens:
+            s.turns.popleft()
+            dropped += 1
+        s.dropped_turns += dropped
+        return dropped
+
+    @contextmanager
+    def turn(self, session_id: str) -> Iterator[TurnLease]:
+        """Lease the session for one turn (raises SessionNotFoundError / SessionBusyError)."""
+        s = self.get(session_id)
+        with self._lock:
+            if s.busy:
+                raise SessionBusyError(f"session {session_id!r} already has a turn in progress; "
+                                       "a session serves one stream at a time")
+            s.busy = True
+            dropped = self._fit(s)
+            self._touch(s)
+            lease = TurnLease(session=s, history=s.history(), dropped_turns=dropped)
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                s.busy = False
+                self._touch(s)
