@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
+
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
 
 

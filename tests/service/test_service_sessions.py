@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from moss_speech.services.sessions import SessionBusyError, SessionNotFoundError, SessionStore
 
 
