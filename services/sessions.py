@@ -65,17 +65,26 @@ class Session:
 
 @dataclass
 class TurnLease:
-    """One running turn of a session: the history to send, and `commit` for the ensemble's TURN_ROWS."""
+    """A session held by one RPC (a Converse turn, or a whole StreamConverse with several turns).
+
+    Per turn: `prepare()` fits the history to the context budget and returns it with the number of turns just
+    dropped; `commit(turn_rows)` appends the ensemble's TURN_ROWS once the turn finished.
+    """
 
     session: Session
-    history: np.ndarray
-    dropped_turns: int
-    committed: bool = False
+    store: SessionStore
+
+    def prepare(self) -> tuple[np.ndarray, int]:
+        with self.store._lock:
+            dropped = self.store._fit(self.session)
+            self.store._touch(self.session)
+            return self.session.history(), dropped
 
     def commit(self, turn_rows: np.ndarray) -> None:
         rows = np.asarray(turn_rows, dtype=np.int64).reshape(-1, 2)
-        self.session.turns.append(rows)
-        self.committed = True
+        with self.store._lock:
+            self.session.turns.append(rows)
+            self.store._touch(self.session)
 
 
 class SessionStore:
@@ -152,19 +161,17 @@ class SessionStore:
         return dropped
 
     @contextmanager
-    def turn(self, session_id: str) -> Iterator[TurnLease]:
-        """Lease the session for one turn (raises SessionNotFoundError / SessionBusyError)."""
+    def hold(self, session_id: str) -> Iterator[TurnLease]:
+        """Hold the session for one RPC (raises SessionNotFoundError / SessionBusyError)."""
         s = self.get(session_id)
         with self._lock:
             if s.busy:
-                raise SessionBusyError(f"session {session_id!r} already has a turn in progress; "
-                                       "a session serves one stream at a time")
+                raise SessionBusyError(f"session {session_id!r} is in use by another request or stream; "
+                                       "a session serves one at a time")
             s.busy = True
-            dropped = self._fit(s)
             self._touch(s)
-            lease = TurnLease(session=s, history=s.history(), dropped_turns=dropped)
         try:
-            yield lease
+            yield TurnLease(session=s, store=self)
         finally:
             with self._lock:
                 s.busy = False

@@ -81,6 +81,13 @@ class ServiceSettings(BaseSettings):
     # --- Triton model names ---------------------------------------------------------------------------
     s2s_model: str = Field("s2s", min_length=1, description="Triton ensemble for speech input.")
     t2s_model: str = Field("t2s", min_length=1, description="Triton ensemble for text input.")
+    llm_model: str = Field(
+        "llm", min_length=1,
+        description="Triton LLM model; receives the cancel control request when a client goes away.")
+    vocoder_model: str = Field(
+        "vocoder", min_length=1, description="Triton vocoder model; its `voices` config parameter lists voices.")
+    health_check_seconds: float = Field(
+        1.0, gt=0, description="Interval of Triton readiness checks (grpc.health.v1 status), seconds.")
 
     # --- logging --------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

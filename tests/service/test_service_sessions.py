@@ -24,33 +24,36 @@ def test_history_accumulates_in_order_and_sessions_are_isolated():
     store = SessionStore(ttl_seconds=60, max_sessions=10, max_context_tokens=1000)
     a, b = store.create(), store.create()
     for v in (1, 2):
-        with store.turn(a.session_id) as lease:
+        with store.hold(a.session_id) as lease:
+            lease.prepare()
             lease.commit(rows(3, v))
-    with store.turn(b.session_id) as lease:
-        assert lease.history.shape == (0, 2)
+    with store.hold(b.session_id) as lease:
+        assert lease.prepare()[0].shape == (0, 2)
         lease.commit(rows(2, 9))
-    with store.turn(a.session_id) as lease:
-        assert lease.history[:, 0].tolist() == [1, 1, 1, 2, 2, 2]
-        assert lease.dropped_turns == 0
+    with store.hold(a.session_id) as lease:
+        history, dropped = lease.prepare()
+        assert history[:, 0].tolist() == [1, 1, 1, 2, 2, 2]
+        assert dropped == 0
     assert store.get(b.session_id).history()[:, 0].tolist() == [9, 9]
 
 
 def test_oldest_turns_dropped_past_context_and_reported():
     store = SessionStore(ttl_seconds=60, max_sessions=10, max_context_tokens=10)
     s = store.create()
-    for v in (1, 2, 3):
-        with store.turn(s.session_id) as lease:
+    with store.hold(s.session_id) as lease:  # several turns in one hold (a stream)
+        for v in (1, 2, 3):
+            assert lease.prepare()[1] == 0
             lease.commit(rows(4, v))
-    with store.turn(s.session_id) as lease:  # 12 rows > 10: turn 1 goes
-        assert lease.dropped_turns == 1
-        assert lease.history[:, 0].tolist() == [2] * 4 + [3] * 4
+        history, dropped = lease.prepare()  # 12 rows > 10: turn 1 goes
+        assert dropped == 1
+        assert history[:, 0].tolist() == [2] * 4 + [3] * 4
     assert store.get(s.session_id).dropped_turns == 1
 
 
 def test_failed_turn_leaves_history_unchanged():
     store = SessionStore(ttl_seconds=60, max_sessions=10, max_context_tokens=100)
     s = store.create()
-    with pytest.raises(RuntimeError), store.turn(s.session_id):
+    with pytest.raises(RuntimeError), store.hold(s.session_id):
         raise RuntimeError("triton down")
     assert store.get(s.session_id).history_tokens == 0
     assert not store.get(s.session_id).busy
@@ -59,10 +62,10 @@ def test_failed_turn_leaves_history_unchanged():
 def test_second_concurrent_turn_is_refused():
     store = SessionStore(ttl_seconds=60, max_sessions=10, max_context_tokens=100)
     s = store.create()
-    with store.turn(s.session_id):
-        with pytest.raises(SessionBusyError), store.turn(s.session_id):
+    with store.hold(s.session_id):
+        with pytest.raises(SessionBusyError), store.hold(s.session_id):
             pass
-    with store.turn(s.session_id):  # free again
+    with store.hold(s.session_id):  # free again
         pass
 
 
@@ -72,7 +75,7 @@ def test_idle_ttl_evicts_but_not_while_busy():
     store = SessionStore(ttl_seconds=10, max_sessions=10, max_context_tokens=100, clock=clock,
                          on_change=counts.append)
     idle, busy = store.create(), store.create()
-    with store.turn(busy.session_id):
+    with store.hold(busy.session_id):
         clock.t = 11
         assert store.evict_expired() == 1
         with pytest.raises(SessionNotFoundError):
@@ -84,7 +87,7 @@ def test_idle_ttl_evicts_but_not_while_busy():
 def test_max_sessions_evicts_least_recently_used():
     store = SessionStore(ttl_seconds=60, max_sessions=2, max_context_tokens=100)
     a, b = store.create(), store.create()
-    store.turn(a.session_id).__enter__()  # a stays busy, b is the only idle one
+    store.hold(a.session_id).__enter__()  # a stays busy, b is the only idle one
     c = store.create()
     assert {s for s in (a.session_id, c.session_id)} <= set(store._sessions)
     with pytest.raises(SessionNotFoundError):
