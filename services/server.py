@@ -1,0 +1,470 @@
+"""The public gRPC service (`moss_speech.v1.MossSpeech`) in front of Triton, on `grpc.aio`.
+
+Per turn: validate → decode audio to 16 kHz → hold the session (history) → stream the ensemble's responses
+to the client (text deltas, PCM16 audio chunks) → commit TURN_ROWS to the session → final message with usage
+and timings. Also served: `grpc.health.v1` (SERVING only while Triton and both ensembles are ready), server
+reflection, Prometheus metrics (ServiceMetrics) on their own port.
+
+Status codes (see `to_status`): bad input → INVALID_ARGUMENT, unknown session → NOT_FOUND, session in use →
+FAILED_PRECONDITION, audio over max_audio_seconds / message over max_message_bytes / no session room →
+RESOURCE_EXHAUSTED, Triton down → UNAVAILABLE, deadline → DEADLINE_EXCEEDED.
+Every response carries a request id (field `request_id`, and `x-request-id` metadata, also on errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from .api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
+from .audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
+from .logging import get_logger, new_request_id, request_id_var, setup_logging
+from .metrics import ServiceMetrics
+from .sessions import SessionBusyError, SessionLimitError, SessionNotFoundError, SessionStore, TurnLease
+from .settings import ServiceSettings
+from .triton_client import TritonCallError, TritonClient, TurnInput
+
+log = get_logger("server")
+
+OUTPUT_RATE = 24000  # the vocoder's AUDIO_CHUNK rate (docs/contracts.md)
+ENCODINGS = {
+    speech_pb2.AUDIO_ENCODING_UNSPECIFIED: "container", speech_pb2.AUDIO_ENCODING_CONTAINER: "container",
+    speech_pb2.AUDIO_ENCODING_PCM16: "pcm16", speech_pb2.AUDIO_ENCODING_FLOAT32: "float32",
+}
+OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
+           speech_pb2.OUTPUT_MODALITY_TEXT: "text"}
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
+                   "min_new_tokens", "seed")
+
+
+class ServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception raised while serving a request."""
+    if isinstance(e, ServiceError):
+        return e.code, e.message
+    if isinstance(e, AudioError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.is_resource_limit else grpc.StatusCode.INVALID_ARGUMENT
+        return code, f"audio: {e}"
+    if isinstance(e, SessionNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, SessionBusyError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, SessionLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, ValidationError):
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sampling'}: {x['msg']}" for x in e.errors())
+        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid sampling parameters: {errs}"
+    if isinstance(e, TritonCallError):
+        return e.code, e.message
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+def _validate_sampling(params: dict[str, Any]) -> dict[str, Any]:
+    # Imported lazily: generate.py pulls torch, which a health probe or ListVoices does not need.
+    from moss_speech.builders.llm.generate import SamplingParams  # noqa: PLC0415
+
+    return SamplingParams(**params).model_dump(exclude_none=True)
+
+
+@dataclass
+class TurnSpec:
+    """A validated turn (everything except the user's input)."""
+
+    output: str
+    voice: str
+    sampling: dict[str, Any]
+    system_prompt: str
+
+
+@dataclass
+class TurnOutcome:
+    text: list[str] = field(default_factory=list)
+    usage: speech_pb2.Usage = field(default_factory=speech_pb2.Usage)
+    timings: speech_pb2.Timings = field(default_factory=speech_pb2.Timings)
+
+
+class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
+    def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: SessionStore,
+                 metrics: ServiceMetrics) -> None:
+        self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
+        self.voice_ids: list[str] = []  # refreshed by the health loop; [] = Triton does not list them
+
+    # --- validation ---------------------------------------------------------------------------------------
+    def _spec(self, output: int, voice: str, sampling: speech_pb2.Sampling, system_prompt: str,
+              session: TurnLease | None) -> TurnSpec:
+        if output not in OUTPUTS:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output modality {output}")
+        voice = voice or self.settings.default_voice
+        if self.voice_ids and voice not in self.voice_ids:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}")
+        s = self.settings
+        params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                                  "repetition_penalty": s.repetition_penalty, "max_new_tokens": s.max_new_tokens,
+                                  "min_new_tokens": s.min_new_tokens}
+        params.update({f: getattr(sampling, f) for f in SAMPLING_FIELDS if sampling.HasField(f)})
+        if params["temperature"] == 0 and not sampling.HasField("do_sample"):
+            params["do_sample"] = False  # temperature 0 means greedy (SamplingParams wants > 0)
+        if params.get("do_sample") is False and params["temperature"] <= 0:
+            params.pop("temperature")
+        system_prompt = system_prompt or (session.session.system_prompt if session else "")
+        return TurnSpec(OUTPUTS[output], voice, _validate_sampling(params), system_prompt)
+
+    def _text(self, text: str) -> str:
+        if not text.strip():
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "text input is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"text is {len(text)} characters, limit max_text_chars={self.settings.max_text_chars} "
+                               "(env MOSS_SPEECH_MAX_TEXT_CHARS)")
+        return text
+
+    @staticmethod
+    def _audio_spec(fmt: speech_pb2.AudioFormat) -> AudioSpec:
+        if fmt.encoding not in ENCODINGS:
+            raise AudioError("bad_format", f"unknown audio encoding {fmt.encoding}")
+        return AudioSpec(ENCODINGS[fmt.encoding], fmt.sample_rate, fmt.channels or 1)
+
+    @contextlib.contextmanager
+    def _maybe_hold(self, session_id: str):
+        if not session_id:
+            yield None
+            return
+        with self.sessions.hold(session_id) as lease:
+            yield lease
+
+    # --- one turn -----------------------------------------------------------------------------------------
+    async def _turn(self, request_id: str, spec: TurnSpec, lease: TurnLease | None, context: grpc.aio.ServicerContext,
+                    *, audio: np.ndarray | None = None, text: str | None = None,
+                    t_input: float | None = None) -> AsyncIterator[tuple[str, Any]]:
+        """Yields ("text", str), ("audio", AudioChunk) and finally ("final", TurnOutcome)."""
+        t0 = t_input if t_input is not None else time.perf_counter()
+        history, dropped = lease.prepare() if lease else (np.zeros((0, 2), np.int64), 0)
+        if dropped:
+            self.metrics.context_truncations.inc()
+        timeout = self.settings.request_timeout_seconds
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining, 0.001))
+        turn = TurnInput(request_id=request_id, history=history, output=spec.output, sampling=spec.sampling,
+                         voice=spec.voice, system_prompt=spec.system_prompt, audio=audio, text=text)
+        out = TurnOutcome()
+        audio_samples, seq = 0, 0
+        t_first_audio = t_first_text = None
+        try:
+            async for chunk in self.triton.generate(turn, timeout):
+                if chunk.text_delta:
+                    t_first_text = t_first_text or time.perf_counter()
+                    out.text.append(chunk.text_delta)
+                    yield "text", chunk.text_delta
+                if chunk.audio is not None and chunk.audio.size:
+                    t_first_audio = t_first_audio or time.perf_counter()
+                    audio_samples += chunk.audio.size
+                    yield "audio", speech_pb2.AudioChunk(pcm16=to_pcm16(chunk.audio), sample_rate=OUTPUT_RATE,
+                                                         sequence=seq)
+                    seq += 1
+                if chunk.final:
+                    if lease and chunk.turn_rows is not None:
+                        lease.commit(chunk.turn_rows)
+                    usage = chunk.usage
+                    out.usage = speech_pb2.Usage(
+                        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                        generated_tokens=int(usage.get("generated_tokens", 0)),
+                        stop_reason=str(usage.get("stop_reason", "")), history_tokens=len(history),
+                        context_truncated=dropped > 0, dropped_turns=dropped)
+                    t_end = time.perf_counter()
+                    audio_s = audio_samples / OUTPUT_RATE
+                    out.timings = speech_pb2.Timings(
+                        time_to_first_audio_ms=1000 * (t_first_audio - t0) if t_first_audio else 0.0,
+                        time_to_first_text_ms=1000 * (t_first_text - t0) if t_first_text else 0.0,
+                        total_ms=1000 * (t_end - t0), audio_seconds=audio_s,
+                        real_time_factor=(t_end - t0) / audio_s if audio_s else 0.0,
+                        triton_ttft_ms=float(usage.get("ttft_ms", 0.0) or 0.0))
+                    if t_first_audio:
+                        self.metrics.time_to_first_audio.observe(t_first_audio - t0)
+                        self.metrics.real_time_factor.observe(out.timings.real_time_factor)
+                    channel = "audio" if spec.output == "speech" else "text"
+                    self.metrics.generated_tokens.labels(channel).inc(out.usage.generated_tokens)
+                    log.info("turn done", extra={"fields": {
+                        "output": spec.output, "generated_tokens": out.usage.generated_tokens,
+                        "stop_reason": out.usage.stop_reason, "ttfa_ms": round(out.timings.time_to_first_audio_ms, 1),
+                        "total_ms": round(out.timings.total_ms, 1), "history_tokens": len(history),
+                        "dropped_turns": dropped}})
+                    yield "final", out
+                    return
+        except TritonCallError as e:
+            self.metrics.triton_errors.labels(e.kind).inc()
+            raise
+
+    async def _record(self, method: str, mode: str, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(method, mode, code.name).inc()
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, mode: str, e: BaseException,
+                    request_id: str) -> None:
+        code, message = to_status(e)
+        await self._record(method, mode, code)
+        level = log.error if code == grpc.StatusCode.INTERNAL else log.info
+        level("request failed", exc_info=code == grpc.StatusCode.INTERNAL,
+              extra={"fields": {"method": method, "status": code.name, "error": message}})
+        await context.abort(code, f"{message} [request_id={request_id}]")
+
+    @staticmethod
+    async def _start(context: grpc.aio.ServicerContext) -> str:
+        rid = new_request_id()
+        request_id_var.set(rid)
+        await context.send_initial_metadata((("x-request-id", rid),))
+        return rid
+
+    # --- RPCs ---------------------------------------------------------------------------------------------
+    async def Converse(self, request: speech_pb2.ConverseRequest, context: grpc.aio.ServicerContext):
+        rid = await self._start(context)
+        kind = request.WhichOneof("input")
+        mode = "s2s" if kind == "audio" else "t2s"
+        try:
+            if kind is None:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither audio nor text")
+            audio = text = None
+            if kind == "audio":
+                audio = decode(request.audio.data, self._audio_spec(request.audio.format),
+                               self.settings.max_audio_seconds)
+            else:
+                text = self._text(request.text)
+            t_input = time.perf_counter()
+            with self._maybe_hold(request.session_id) as lease:
+                spec = self._spec(request.output, request.voice, request.sampling, request.system_prompt, lease)
+                texts, pcm = [], []
+                outcome = TurnOutcome()
+                async for what, value in self._turn(rid, spec, lease, context, audio=audio, text=text,
+                                                    t_input=t_input):
+                    if what == "text":
+                        texts.append(value)
+                    elif what == "audio":
+                        pcm.append(value.pcm16)
+                    else:
+                        outcome = value
+            await self._record("Converse", mode, grpc.StatusCode.OK)
+            return speech_pb2.ConverseResponse(
+                request_id=rid, session_id=request.session_id, text="".join(texts), audio_pcm16=b"".join(pcm),
+                sample_rate=OUTPUT_RATE, usage=outcome.usage, timings=outcome.timings)
+        except asyncio.CancelledError:
+            await self._record("Converse", mode, grpc.StatusCode.CANCELLED)
+            log.info("client cancelled", extra={"fields": {"method": "Converse"}})
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, the server keeps serving
+            await self._fail(context, "Converse", mode, e, rid)
+
+    async def StreamConverse(self, request_iterator, context: grpc.aio.ServicerContext):
+        rid = await self._start(context)
+        mode = "none"
+        self.metrics.active_streams.inc()
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "config":
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a StreamConfig")
+            cfg = first.config
+            audio_spec = self._audio_spec(cfg.input_format)
+            audio_spec.check()
+            with self._maybe_hold(cfg.session_id) as lease:
+                spec = self._spec(cfg.output, cfg.voice, cfg.sampling, cfg.system_prompt, lease)
+                buffer = InputAudioBuffer(audio_spec, self.settings.max_audio_seconds)
+                text: str | None = None
+                turn_index = 0
+
+                async def run_turn():
+                    nonlocal text, turn_index, mode
+                    if text is None and buffer.size == 0:
+                        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "end_of_turn without audio or text")
+                    t_input = time.perf_counter()
+                    if text is not None:
+                        turn_text, turn_audio, mode = self._text(text), None, "t2s"
+                    else:
+                        turn_text, turn_audio, mode = None, buffer.decode(), "s2s"
+                    text = None
+                    turn_id = f"{rid}-{turn_index}"
+                    request_id_var.set(turn_id)
+                    async for what, value in self._turn(turn_id, spec, lease, context, audio=turn_audio,
+                                                        text=turn_text, t_input=t_input):
+                        if what == "text":
+                            yield speech_pb2.StreamConverseResponse(request_id=turn_id,
+                                                                    text=speech_pb2.TextDelta(text=value))
+                        elif what == "audio":
+                            yield speech_pb2.StreamConverseResponse(request_id=turn_id, audio=value)
+                        else:
+                            yield speech_pb2.StreamConverseResponse(request_id=turn_id, final=speech_pb2.TurnResult(
+                                session_id=cfg.session_id, text="".join(value.text), usage=value.usage,
+                                timings=value.timings, turn_index=turn_index))
+                    turn_index += 1
+
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "audio":
+                        if text is not None:
+                            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "a turn is either text or audio")
+                        buffer.add(msg.audio)
+                    elif kind == "text":
+                        if buffer.size:
+                            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "a turn is either text or audio")
+                        text = (text or "") + msg.text
+                    elif kind == "end_of_turn":
+                        async for response in run_turn():
+                            yield response
+                    else:
+                        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           "StreamConfig is only allowed as the first message" if kind == "config"
+                                           else "empty stream message")
+                if text is not None or buffer.size:  # the client closed without end_of_turn: finish that turn
+                    async for response in run_turn():
+                        yield response
+            await self._record("StreamConverse", mode, grpc.StatusCode.OK)
+        except asyncio.CancelledError:
+            await self._record("StreamConverse", mode, grpc.StatusCode.CANCELLED)
+            log.info("client cancelled", extra={"fields": {"method": "StreamConverse"}})
+            raise
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "StreamConverse", mode, e, rid)
+        finally:
+            self.metrics.active_streams.dec()
+
+    async def ListVoices(self, request, context):
+        rid = await self._start(context)
+        try:
+            ids = await self.triton.voices() or [self.settings.default_voice]
+            self.voice_ids = ids if ids != [self.settings.default_voice] else self.voice_ids
+            await self._record("ListVoices", "none", grpc.StatusCode.OK)
+            return speech_pb2.ListVoicesResponse(request_id=rid, voices=[
+                speech_pb2.Voice(voice_id=v, is_default=v == self.settings.default_voice) for v in ids])
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "ListVoices", "none", e, rid)
+
+    def _session_msg(self, rid: str, s) -> speech_pb2.Session:
+        return speech_pb2.Session(
+            request_id=rid, session_id=s.session_id, turns=len(s.turns), history_tokens=s.history_tokens,
+            dropped_turns=s.dropped_turns, idle_ttl_seconds=self.settings.session_ttl_seconds,
+            created_unix=s.created_unix, last_used_unix=s.last_used_unix, busy=s.busy)
+
+    async def CreateSession(self, request, context):
+        rid = await self._start(context)
+        try:
+            s = self.sessions.create(system_prompt=request.system_prompt)
+            log.info("session created", extra={"fields": {"session_id": s.session_id}})
+            await self._record("CreateSession", "none", grpc.StatusCode.OK)
+            return self._session_msg(rid, s)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "CreateSession", "none", e, rid)
+
+    async def GetSession(self, request, context):
+        rid = await self._start(context)
+        try:
+            s = self.sessions.get(request.session_id)
+            await self._record("GetSession", "none", grpc.StatusCode.OK)
+            return self._session_msg(rid, s)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "GetSession", "none", e, rid)
+
+    async def DeleteSession(self, request, context):
+        rid = await self._start(context)
+        try:
+            self.sessions.delete(request.session_id)
+            await self._record("DeleteSession", "none", grpc.StatusCode.OK)
+            return speech_pb2.DeleteSessionResponse(request_id=rid, session_id=request.session_id)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "DeleteSession", "none", e, rid)
+
+
+class Service:
+    """The gRPC server with health, reflection, metrics and a background Triton readiness loop."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self.triton = TritonClient(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
+                                   settings.vocoder_model)
+        self.sessions = SessionStore(settings.session_ttl_seconds, settings.max_sessions,
+                                     settings.max_context_tokens, on_change=self.metrics.sessions.set)
+        self.servicer = MossSpeechServicer(settings, self.triton, self.sessions, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._loop_task: asyncio.Task | None = None
+        self.triton_ready = False
+
+    async def start(self, serve_metrics: bool = True) -> int:
+        limit = self.settings.max_message_bytes
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit)])
+        speech_pb2_grpc.add_MossSpeechServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.port = self.server.add_insecure_port(f"[::]:{self.settings.grpc_port}")
+        await self._set_health(False)
+        await self.server.start()
+        if serve_metrics:
+            self.metrics.serve(self.settings.metrics_port)
+        self._loop_task = asyncio.create_task(self._health_loop())
+        log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.settings.metrics_port,
+                                              "triton_url": self.settings.triton_url}})
+        return self.port
+
+    async def _set_health(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            ready = await self.triton.ready()
+            if ready != self.triton_ready:
+                log.info("triton ready" if ready else "triton not ready",
+                         extra={"fields": {"triton_url": self.settings.triton_url}})
+                if ready:
+                    with contextlib.suppress(TritonCallError):
+                        self.servicer.voice_ids = await self.triton.voices()
+                else:
+                    self.metrics.triton_errors.labels("not_ready").inc()
+            self.triton_ready = ready
+            await self._set_health(ready)
+            self.sessions.evict_expired()
+            await asyncio.sleep(self.settings.health_check_seconds)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let open RPCs finish for at most `grace` (drain_seconds) seconds, then cancel them."""
+        grace = self.settings.drain_seconds if grace is None else grace
+        if self._loop_task:
+            self._loop_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        if self.server:
+            await self.server.stop(grace)
+        await self.triton.close()
+        log.info("stopped")
+
+
+async def serve(settings: ServiceSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within settings.drain_seconds."""
+    setup_logging(settings.log_level, settings.log_format)
+    service = Service(settings)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
