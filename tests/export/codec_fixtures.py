@@ -1,7 +1,7 @@
-"""Shared fixtures for the codec export tests (import them into a test module; not a conftest on purpose).
+"""Fixtures for the codec export tests: test modules load them with `pytest_plugins` (tests/export/conftest.py
+belongs to another area). Fixture names start with `codec_` to stay clear of other fixtures in tests/export.
 
-The tiny codec and its ONNX export are built once per process (cached functions), so several test modules
-share them without a shared conftest.
+The tiny codec and its ONNX export are built once per process (cached functions).
 """
 
 from __future__ import annotations
@@ -75,31 +75,42 @@ def espeak(text: str, rate: int = 16000) -> np.ndarray | None:
 
 
 @pytest.fixture(scope="session")
-def codec_dir() -> Path:
+def codec_speechlike():
+    """`speechlike(seconds, seed)` (a fixture, so test modules need not import this plugin module directly)."""
+    return speechlike
+
+
+@pytest.fixture(scope="session")
+def codec_espeak():
+    return espeak
+
+
+@pytest.fixture(scope="session")
+def codec_tiny_dir() -> Path:
     torch.set_num_threads(THREADS)
     return built_codec_dir()
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(codec_dir) -> Path:
+def codec_onnx_dir(codec_tiny_dir) -> Path:
     return exported()[0]
 
 
 @pytest.fixture(scope="session")
-def export_infos(codec_dir) -> dict:
+def codec_export_infos(codec_tiny_dir) -> dict:
     return exported()[1]
 
 
 @pytest.fixture(scope="module")
-def ref_codec(codec_dir) -> SpeechCodec:
-    return SpeechCodec(codec_dir)
+def codec_ref(codec_tiny_dir) -> SpeechCodec:
+    return SpeechCodec(codec_tiny_dir)
 
 
 @pytest.fixture(scope="module")
-def ort_runtime(codec_dir, onnx_dir) -> CodecRuntime:
-    return CodecRuntime.from_artifacts(codec_dir, onnx_dir, backend="onnxruntime", threads=THREADS)
+def codec_ort_runtime(codec_tiny_dir, codec_onnx_dir) -> CodecRuntime:
+    return CodecRuntime.from_artifacts(codec_tiny_dir, codec_onnx_dir, backend="onnxruntime", threads=THREADS)
 
 
 @pytest.fixture(scope="module")
-def torch_runtime(codec_dir, onnx_dir) -> CodecRuntime:
-    return CodecRuntime.from_artifacts(codec_dir, onnx_dir, backend="torch")
+def codec_torch_runtime(codec_tiny_dir, codec_onnx_dir) -> CodecRuntime:
+    return CodecRuntime.from_artifacts(codec_tiny_dir, codec_onnx_dir, backend="torch")
