@@ -61,14 +61,14 @@ def compute_loss(model: MossSpeechForCausalLM, batch: Batch) -> tuple[torch.Tens
         ce = F.cross_entropy(model.text_lm_head(text_h[text_sel]).float(), batch.text_targets[text_sel],
                              reduction="sum")
         total = total + ce
-        stats["text_loss"] = float(ce) / n_text
+        stats["text_loss"] = ce.item() / n_text
     if n_audio:
         ce = F.cross_entropy(model.audio_lm_head(audio_h[audio_sel]).float(), batch.audio_targets[audio_sel],
                              reduction="sum")
         total = total + ce
-        stats["audio_loss"] = float(ce) / n_audio
+        stats["audio_loss"] = ce.item() / n_audio
     loss = total / max(1, n_text + n_audio)
-    stats["loss"] = float(loss)
+    stats["loss"] = loss.item()
     return loss, stats
 
 
