@@ -3,6 +3,10 @@ lengths in any order, slot reuse, and context errors. New runtimes join through 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,7 +23,44 @@ def torch_runtime(tiny_dir, tiny_model, **kw):
     return TorchLLMRuntime(tiny_model, **kw)
 
 
-RUNTIME_FACTORIES = {"torch": torch_runtime}
+@functools.cache
+def _tiny_llm_onnx(tiny_dir: str) -> str:
+    """The tiny model exported once per session, beside the tiny checkpoint (a pytest tmp dir)."""
+    from moss_speech.builders.export.onnx_llm import export_llm_onnx
+    from moss_speech.builders.llm.model import MossSpeechForCausalLM
+
+    model = MossSpeechForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    return export_llm_onnx(model, Path(tiny_dir).parent / "onnx-llm-conformance" / "llm.onnx").path
+
+
+def onnxruntime_runtime(tiny_dir, tiny_model, **kw):
+    from moss_speech.builders.runtime.ort_llm import OrtLLMRuntime
+
+    return OrtLLMRuntime(_tiny_llm_onnx(str(tiny_dir)), tiny_model.config, **kw)
+
+
+@functools.cache
+def _tiny_llm_engine(tiny_dir: str, max_batch: int, max_context: int) -> str:
+    from moss_speech.builders.export.tensorrt import build_engine, llm_profiles
+    from moss_speech.builders.llm.model import MossSpeechForCausalLM
+
+    onnx_path = Path(_tiny_llm_onnx(tiny_dir))
+    cfg = MossSpeechForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).config
+    engine = onnx_path.with_name(f"llm-b{max_batch}-c{max_context}.plan")
+    return build_engine(onnx_path, engine, llm_profiles(cfg, max_batch, max_context), precision="fp32",
+                        backend="tensorrt").path
+
+
+def tensorrt_runtime(tiny_dir, tiny_model, **kw):
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        pytest.skip("needs a GPU and the tensorrt package")
+    from moss_speech.builders.runtime.trt_llm import TrtLLMRuntime
+
+    engine = _tiny_llm_engine(str(tiny_dir), kw.get("max_slots", 8), kw["max_context"])
+    return TrtLLMRuntime(engine, tiny_model.config, **kw)
+
+
+RUNTIME_FACTORIES = {"torch": torch_runtime, "onnxruntime": onnxruntime_runtime, "tensorrt": tensorrt_runtime}
 
 
 @pytest.fixture(params=sorted(RUNTIME_FACTORIES))
