@@ -22,7 +22,7 @@ from moss_speech.builders.codec.tiny import write_tiny_codec
 from moss_speech.builders.export.onnx_codec import export_codec_onnx
 from moss_speech.builders.runtime.codec_runtime import CodecRuntime
 
-THREADS = 2
+THREADS = 1  # 2 shared cores: a second spinning thread makes torch and onnxruntime many times slower
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,9 +85,17 @@ def codec_espeak():
     return espeak
 
 
+@pytest.fixture(scope="module")
+def codec_single_thread():
+    """torch on THREADS threads for the module (restored after, other areas share the process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def codec_tiny_dir() -> Path:
-    torch.set_num_threads(THREADS)
     return built_codec_dir()
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 pytest_plugins = ["tests.export.codec_fixtures"]
+pytestmark = pytest.mark.usefixtures("codec_single_thread")
 
 MEL_ATOL = 1e-4
 FLOW_ATOL = 1e-4
@@ -27,7 +28,7 @@ GRAPHS = ("whisper_mel", "speech_encoder", "flow_encoder", "flow_estimator", "hi
 
 def session(codec_onnx_dir, name):
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
+    opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(codec_onnx_dir / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
 
 
