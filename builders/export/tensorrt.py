@@ -11,8 +11,10 @@ Precision is honest about what each backend can do:
                                run layers in the lower type where it is faster; not every layer).
   anything else             -> ValueError (TensorRT-RTX has no precision flags: export the graph in the
                                precision you want, e.g. `export_llm_onnx(..., dtype="float16")`).
-No other builder flag is set; TF32 stays at the backend's default. The timing cache is loaded before and
-saved after the build when `timing_cache` is given and the backend has one.
+No other builder flag is set; TF32 stays at the backend's default. With datacenter TensorRT the timing cache
+is loaded before and saved after the build when `timing_cache` is given (a cache from another GPU or version
+is rejected, not silently used); TensorRT-RTX has no working timing cache (its API is a deprecated no-op), so
+there `EngineInfo.timing_cache` is None and nothing is written.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ def import_tensorrt(prefer: str | None = None) -> tuple[ModuleType, str]:
 
 def graph_float_type(onnx_path: str | os.PathLike) -> int:
     """The weights' dominant floating type (onnx.TensorProto enum); FLOAT when the graph has none."""
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ValueError(f"{onnx_path} is not a readable ONNX file: {e}") from e
     counts: dict[int, int] = {}
     for t in proto.graph.initializer:
         if t.data_type in _PRECISIONS.values():
@@ -161,8 +166,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         for input_name, (lo, opt, hi) in prof.items():
             p.set_shape(input_name, tuple(lo), tuple(opt), tuple(hi))
         config.add_optimization_profile(p)
+    # TensorRT-RTX keeps the timing-cache API but its operations are no-ops (deprecated since RTX 1.2), so a
+    # cache is only used with datacenter TensorRT.
     cache_path = Path(timing_cache) if timing_cache else None
-    if cache_path is not None and hasattr(config, "create_timing_cache"):
+    if cache_path is not None and name == "tensorrt":
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is rejected
     else:

@@ -1,4 +1,4 @@
-"""The tiny LLM exported once per session (fp32, weights inside the .onnx file)."""
+"""The tiny LLM exported once per session (fp32 and fp16, weights inside the .onnx file)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ def tiny_llm_onnx(tiny_model, tmp_path_factory):
     from moss_speech.builders.export.onnx_llm import export_llm_onnx
 
     return export_llm_onnx(tiny_model, tmp_path_factory.mktemp("onnx-llm") / "llm.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_onnx_fp16(tiny_model, tmp_path_factory):
+    from moss_speech.builders.export.onnx_llm import export_llm_onnx
+
+    return export_llm_onnx(tiny_model, tmp_path_factory.mktemp("onnx-llm-fp16") / "llm16.onnx", dtype="float16")
 
 
 @pytest.fixture(scope="session")

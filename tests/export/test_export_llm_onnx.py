@@ -127,9 +127,9 @@ def test_external_data_is_one_file_beside_the_graph(tiny_dir, tiny_model, llm_se
 
 
 @torch.no_grad()
-def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_model, tmp_path):
+def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_llm_onnx_fp16, tiny_model):
     cfg = tiny_model.config
-    info = export_llm_onnx(tiny_model, tmp_path / "llm16.onnx", dtype="float16")
+    info = tiny_llm_onnx_fp16
     assert info.dtype == "float16" and next(tiny_model.parameters()).dtype == torch.float32  # caller untouched
     sess = ort.InferenceSession(info.path, providers=["CPUExecutionProvider"])
     assert {i.name: i.type for i in sess.get_inputs()}["past_kv"] == "tensor(float16)"

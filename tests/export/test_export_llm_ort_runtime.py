@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from moss_speech.builders.config import tiny_config
-from moss_speech.builders.export.onnx_llm import export_llm_onnx
 from moss_speech.builders.llm.generate import ContextLengthError
 from moss_speech.builders.runtime.ort_llm import OrtLLMRuntime
 from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime
@@ -75,9 +74,8 @@ def test_graph_of_another_model_is_refused(tiny_llm_onnx):
 
 
 @torch.no_grad()
-def test_fp16_graph_runtime(tiny_model, tmp_path):
-    info = export_llm_onnx(tiny_model, tmp_path / "llm16.onnx", dtype="float16")
-    rt = OrtLLMRuntime(info.path, tiny_model.config, max_slots=2, max_context=32)
+def test_fp16_graph_runtime(tiny_llm_onnx_fp16, tiny_model):
+    rt = OrtLLMRuntime(tiny_llm_onnx_fp16.path, tiny_model.config, max_slots=2, max_context=32)
     assert rt.cache.dtype.name == "float16"
     slot = rt.acquire()
     seq = rows(7, 1)
