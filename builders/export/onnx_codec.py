@@ -232,6 +232,63 @@ def export_codec_onnx(
     return infos
 
 
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def codec_profiles(
+    codec_dir: Path | str,
+    max_batch: int = 8,
+    max_prompt_tokens: int = 250,
+    streaming: StreamingConfig | None = None,
+    max_seconds_in: int = 30,
+) -> dict[str, Profile]:
+    """TensorRT optimization profiles (min, opt, max) per graph, for `builders.export.tensorrt.build_engine`.
+
+    Batch axes run 1..max_batch (the estimator 2..2*max_batch: CFG doubles the batch). Window sizes come from
+    `streaming` (context + chunk + lookahead tokens); the flow graphs also see the voice prompt (up to
+    `max_prompt_tokens`). The encoder takes up to one 30 s segment (longer audio is segmented by the runtime).
+    """
+    from ..codec.config import EncoderConfig, FlowYaml, PreprocessorConfig
+
+    codec_dir = Path(codec_dir)
+    s = streaming or StreamingConfig()
+    pre, enc = PreprocessorConfig.from_dir(codec_dir), EncoderConfig.from_dir(codec_dir)
+    fy = FlowYaml.from_dir(codec_dir)
+    spc = pre.hop_length * enc.frames_per_code
+    mels, ratio, harm = fy.flow.output_size, fy.flow.token_mel_ratio, fy.hift.nb_harmonics + 1
+    hop = fy.hift.samples_per_frame
+    window = s.context_tokens + max(s.chunk_tokens, s.first_chunk_tokens) + s.lookahead_tokens
+    tokens = max_prompt_tokens + window
+    opt_b = max(1, max_batch // 2)
+    max_samples = -(-max_seconds_in * pre.sampling_rate // spc) * spc
+    opt_samples = min(max_samples, 10 * spc * -(-pre.sampling_rate // spc))  # ~10 s
+
+    def seq(lo: int, opt: int, hi: int, *rest_shapes: int, batch=(1, opt_b, max_batch)):
+        return tuple((b, *rest_shapes, n) for b, n in zip(batch, (lo, opt, hi), strict=True))
+
+    est_b = (2, 2 * opt_b, 2 * max_batch)
+    frames = (ratio, ratio * (tokens // 2), ratio * tokens)
+    return {
+        "whisper_mel": {"pcm": seq(spc, opt_samples, max_samples)},
+        "speech_encoder": {"mel": seq(enc.frames_per_code, opt_samples // pre.hop_length, max_samples // pre.hop_length,
+                                      pre.feature_size)},
+        "flow_encoder": {
+            "tokens": seq(1, tokens // 2, tokens),
+            "lengths": ((1,), (opt_b,), (max_batch,)),
+        },
+        "flow_estimator": {
+            **{k: seq(*frames, mels, batch=est_b) for k in ("x", "mu", "cond")},
+            "mask": seq(*frames, 1, batch=est_b),
+            "t": tuple((b,) for b in est_b),
+            "spks": tuple((b, mels) for b in est_b),
+        },
+        "hift": {
+            "mel": seq(ratio, ratio * window, ratio * window, mels),
+            "noise": seq(ratio * hop, ratio * window * hop, ratio * window * hop, harm),
+        },
+    }
+
+
 def read_manifest(artifacts_dir: Path | str) -> dict:
     path = Path(artifacts_dir) / MANIFEST_NAME
     if not path.exists():
