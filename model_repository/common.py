@@ -1,0 +1,52 @@
+"""Helpers shared by the Python-backend adapters (run inside Triton's Python stub)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from moss_speech.builders.config import ServingConfig
+
+
+def model_parameters(args: dict[str, Any]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def serving_config(params: dict[str, str]) -> ServingConfig:
+    """The repository's serving settings; also pins this process's CPU threads."""
+    import torch
+
+    serving = ServingConfig.model_validate_json(params["serving"])
+    torch.set_num_threads(serving.cpu_threads)
+    return serving
+
+
+def string_input(pb_utils, request, name: str) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)
+    if value.size == 0:
+        return None
+    item = value[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+
+
+def array_input(pb_utils, request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def string_tensor(pb_utils, name: str, value: str):
+    return pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
+
+
+def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
+    """An error response with a Triton status code when the backend knows it (newer stubs), else the default."""
+    err_cls = pb_utils.TritonError
+    status = getattr(err_cls, code, None)
+    error = err_cls(message, status) if status is not None else err_cls(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)

@@ -1,0 +1,45 @@
+"""Triton adapter of the `speech_encoder` model: 16 kHz PCM -> speech codes, batched across requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from moss_speech.builders.codec.audio import AudioError
+from moss_speech.builders.runtime.factory import load_codec_runtime
+from moss_speech.model_repository.common import error_response, model_parameters, serving_config
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        repo = Path(args["model_repository"]).parent
+        artifacts = params.get("codec_artifacts") or None
+        self.codec = load_codec_runtime(serving_config(params), params["codec_dir"], artifacts and repo / artifacts)
+        self.max_samples = int(float(params.get("max_audio_seconds", "300")) * 16000)
+        self.codec.encode_pcm([np.zeros(16000, np.float32)])  # warm up before the first client
+
+    def execute(self, requests):
+        pcms, owners, errors = [], [], {}
+        for i, request in enumerate(requests):
+            pcm = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy().reshape(-1).astype(np.float32)
+            if pcm.size == 0:
+                errors[i] = error_response(pb_utils, "AUDIO is empty")
+            elif not np.isfinite(pcm).all():
+                errors[i] = error_response(pb_utils, "AUDIO contains NaN or Inf")
+            elif pcm.size > self.max_samples:
+                errors[i] = error_response(pb_utils, f"AUDIO has {pcm.size} samples; the limit is {self.max_samples}")
+            else:
+                pcms.append(pcm)
+                owners.append(i)
+        codes = {}
+        if pcms:
+            try:
+                codes = dict(zip(owners, self.codec.encode_pcm(pcms), strict=True))
+            except AudioError as e:
+                errors.update({o: error_response(pb_utils, str(e)) for o in owners})
+        return [errors[i] if i in errors else
+                pb_utils.InferenceResponse([pb_utils.Tensor("CODES", np.asarray(codes[i], dtype=np.int64)[None])])
+                for i in range(len(requests))]
