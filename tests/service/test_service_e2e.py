@@ -136,17 +136,17 @@ def test_three_turn_session_keeps_history_isolated(stub):
 
 
 def test_stream_multi_turn_and_context_truncation(stub):
-    """MAX_CONTEXT_TOKENS=64: a few turns in one stream overflow it; the oldest turns go and the result says so."""
+    """MAX_CONTEXT_TOKENS=128: six turns in one stream overflow it; the oldest turns go and the result says so."""
     sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
     cfg = pb.StreamConfig(session_id=sid, output=TEXT, sampling=SMALL)
-    finals = [r.final for r in stub.StreamConverse(stream_requests(cfg, ["one", "two", "three", "four", "five"]),
+    finals = [r.final for r in stub.StreamConverse(stream_requests(cfg, ["one", "two", "three", "four", "five", "six"]),
                                                    timeout=120) if r.WhichOneof("kind") == "final"]
-    assert [f.turn_index for f in finals] == [0, 1, 2, 3, 4]
-    assert all(f.usage.history_tokens <= 64 for f in finals)
+    assert [f.turn_index for f in finals] == [0, 1, 2, 3, 4, 5]
+    assert all(f.usage.history_tokens <= 128 for f in finals)
     truncated = [f for f in finals if f.usage.context_truncated]
     assert truncated and all(f.usage.dropped_turns >= 1 for f in truncated)
     s = stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
-    assert s.dropped_turns == sum(f.usage.dropped_turns for f in finals) and s.turns < 5
+    assert s.dropped_turns == sum(f.usage.dropped_turns for f in finals) and s.turns < 6
 
 
 def test_two_streams_on_one_session_fail_precondition(stub, triton):
