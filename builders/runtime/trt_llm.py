@@ -80,7 +80,10 @@ class TrtLLMRuntime(LLMRuntime):
         b = min(self.max_batch, max_slots)
         # Flat scratch, viewed per call as a contiguous prefix of the needed shape.
         self._past = torch.empty(max(1, L * 2 * b * kv * (self.max_context - 1) * d), dtype=self.dtype, device=dev)
-        self._new = torch.empty(L * 2 * kv * d * max(b, self.max_prompt), dtype=self.dtype, device=dev)
+        # new_kv of the longest prompt this runtime accepts (a prompt's K/V cannot land in the strided slot
+        # region directly), or of one decode step.
+        self._new = torch.empty(L * 2 * kv * d * max(b, min(self.max_prompt, self.max_context)), dtype=self.dtype,
+                                device=dev)
         self._text = torch.empty(max(b, 1) * config.vocab_size, dtype=torch.float32, device=dev)
         self._audio = torch.empty(max(b, 1) * config.audio_vocab_size, dtype=torch.float32, device=dev)
 
