@@ -289,6 +289,28 @@ def codec_profiles(
     }
 
 
+def build_codec_engines(
+    codec_dir: Path | str,
+    artifacts_dir: Path | str,
+    graphs: tuple[str, ...] = GRAPHS,
+    precision: str = "fp32",
+    timing_cache: Path | str | None = None,
+    **profile_kwargs,
+) -> dict:
+    """Build `<graph>.engine` next to each `<graph>.onnx` with `codec_profiles` (kwargs go there); returns
+    EngineInfo by graph. The engines are what TensorRTCodecRuntime loads (datacenter TensorRT on a GPU; the
+    TensorRT-RTX fallback only proves the build offline)."""
+    from .tensorrt import build_engine
+
+    artifacts_dir = Path(artifacts_dir)
+    profiles = codec_profiles(codec_dir, **profile_kwargs)
+    return {
+        name: build_engine(artifacts_dir / f"{name}.onnx", artifacts_dir / f"{name}.engine", profiles[name],
+                           precision=precision, timing_cache=timing_cache)
+        for name in graphs
+    }
+
+
 def read_manifest(artifacts_dir: Path | str) -> dict:
     path = Path(artifacts_dir) / MANIFEST_NAME
     if not path.exists():

@@ -367,7 +367,7 @@ class TensorRTGraph:
         try:
             import tensorrt as trt
         except ImportError:  # TensorRT-RTX ships the same API under another name
-            import tensorrt_rtx as trt
+            import tensorrt_rtx_bindings as trt
 
         self.trt, self.device = trt, torch.device(device)
         logger = trt.Logger(trt.Logger.WARNING)
@@ -396,7 +396,7 @@ class TensorRTGraph:
 
 
 class TensorRTCodecRuntime(CodecRuntime):
-    """Same pipeline over `<graph>.engine` files next to the ONNX files (built with build_engine). UNVERIFIED."""
+    """Same pipeline over `<graph>.engine` files next to the ONNX files (`build_codec_engines`). UNVERIFIED."""
 
     backend = "tensorrt"
 

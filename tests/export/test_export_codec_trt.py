@@ -4,9 +4,11 @@ On the CPU machines this is TensorRT-RTX building offline (no GPU): it proves th
 dynamic axes are accepted. Running the engines (TensorRTCodecRuntime) needs a GPU and is not tested here.
 """
 
+import shutil
+
 import pytest
 
-from moss_speech.builders.export.onnx_codec import GRAPHS, codec_profiles
+from moss_speech.builders.export.onnx_codec import GRAPHS, build_codec_engines, codec_profiles
 from moss_speech.builders.runtime.codec_runtime import GRAPH_IO
 
 pytest_plugins = ["tests.export.codec_fixtures"]
@@ -27,8 +29,8 @@ def test_codec_graph_parses_and_builds(codec_tiny_dir, codec_onnx_dir, tmp_path,
     # small profiles keep the offline builds fast; the shapes still cover batch 1..2 and whole windows
     profiles = codec_profiles(codec_tiny_dir, max_batch=2, max_prompt_tokens=8)
     assert set(profiles[name]) == set(GRAPH_IO[name][0])
-    info = tensorrt.build_engine(codec_onnx_dir / f"{name}.onnx", tmp_path / f"{name}.engine", profiles[name],
-                                 precision="fp32")
+    shutil.copy(codec_onnx_dir / f"{name}.onnx", tmp_path)  # engines land next to the graph
+    info = build_codec_engines(codec_tiny_dir, tmp_path, graphs=(name,), max_batch=2, max_prompt_tokens=8)[name]
     assert info.backend == backend and info.bytes > 0 and (tmp_path / f"{name}.engine").stat().st_size == info.bytes
     assert info.strongly_typed and info.profiles[0].keys() == profiles[name].keys()
 
