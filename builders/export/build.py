@@ -24,7 +24,9 @@ from ..config import MossSpeechConfig, ServingConfig
 from .repository import write_repository
 
 MANIFEST = "manifest.json"
-ARTIFACTS = "artifacts"
+# Triton treats every folder at the repository root as a model, so artifacts live inside the model folders.
+LLM_ARTIFACTS = "llm/1/artifacts"
+CODEC_ARTIFACTS = "vocoder/1/artifacts/codec"
 BUILDER_VERSION = 1  # bump when the export code changes what it writes
 
 
@@ -84,7 +86,7 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
     if serving.llm_runtime == "torch":
         return []
     cfg = MossSpeechConfig.from_dir(checkpoint)
-    onnx_rel = f"{ARTIFACTS}/llm/model.onnx"
+    onnx_rel = f"{LLM_ARTIFACTS}/model.onnx"
 
     def export() -> dict[str, Any]:
         from .onnx_llm import export_llm_onnx
@@ -94,14 +96,14 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
 
     steps = [Step("llm.onnx", _key(source, "onnx", BUILDER_VERSION), [onnx_rel], export)]
     if serving.llm_runtime == "tensorrt":
-        plan_rel = f"{ARTIFACTS}/llm/model.plan"
+        plan_rel = f"{LLM_ARTIFACTS}/model.plan"
 
         def engine() -> dict[str, Any]:
             from .tensorrt import build_engine, llm_profiles
 
             profiles = llm_profiles(cfg, serving.max_slots, serving.max_context)
             info = build_engine(out / onnx_rel, out / plan_rel, profiles, precision=_precision(serving),
-                                timing_cache=out / ARTIFACTS / "timing.cache")
+                                timing_cache=out / LLM_ARTIFACTS / "timing.cache")
             return {"engine": _describe(info), "profiles": _describe(profiles)}
 
         steps.append(Step("llm.engine", _key(source, "engine", serving.max_slots, serving.max_context,
@@ -112,7 +114,7 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
 def _codec_steps(codec: Path, out: Path, serving: ServingConfig, source: str) -> list[Step]:
     if serving.codec_backend == "torch":
         return []
-    rel = f"{ARTIFACTS}/codec"
+    rel = CODEC_ARTIFACTS
 
     def export() -> dict[str, Any]:
         from .onnx_codec import export_codec_onnx
@@ -125,7 +127,9 @@ def _codec_steps(codec: Path, out: Path, serving: ServingConfig, source: str) ->
         def engines() -> dict[str, Any]:
             from .onnx_codec import build_codec_engines
 
-            return {"engines": _describe(build_codec_engines(out / rel, serving, precision=_precision(serving)))}
+            engines = build_codec_engines(codec, out / rel, precision=_precision(serving),
+                                          max_batch=serving.vocoder_max_batch, streaming=serving.streaming())
+            return {"engines": _describe(engines)}
 
         steps.append(Step("codec.engines", _key(source, "engines", serving.model_dump(), BUILDER_VERSION),
                           [rel], engines))
@@ -192,7 +196,7 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
 
     llm_artifact = next((o for s in steps for o in s.outputs if s.name == "llm." + (
         "engine" if serving.llm_runtime == "tensorrt" else "onnx")), None)
-    codec_artifacts = f"{ARTIFACTS}/codec" if serving.codec_backend != "torch" else None
+    codec_artifacts = CODEC_ARTIFACTS if serving.codec_backend != "torch" else None
     write_repository(out, serving, checkpoint, codec, llm_artifact, codec_artifacts)
     manifest = {
         "target": target, "serving": serving.model_dump(), "sources": sources, "artifacts": artifacts,
