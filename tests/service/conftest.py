@@ -50,16 +50,29 @@ def model_repo(tmp_path_factory) -> Path:
     return root / "repo"
 
 
+_started: list[TritonServer] = []
+
+
+def start_triton(repo: Path, **ports: int | None) -> TritonServer:
+    # explicit model list: the repository folder also holds `artifacts/`, which is not a model
+    srv = TritonServer(repo, model_control_mode="explicit", load_models=MODELS, ready_timeout=180, stop_timeout=20,
+                       **{"http_port": None, "grpc_port": None, "metrics_port": None, **ports})
+    _started.append(srv)
+    return srv.start()
+
+
+def restart_triton(srv: TritonServer) -> TritonServer:
+    """A fresh server on the same repository and ports (a TritonServer object starts once); stopped at session end."""
+    return start_triton(srv.repo, http_port=srv.http_port, grpc_port=srv.grpc_port, metrics_port=srv.metrics_port)
+
+
 @pytest.fixture(scope="session")
 def triton(model_repo) -> Iterator[TritonServer]:
     if not tritonserver_available():
         pytest.skip("no tritonserver (install the triton-local extra or run inside NVIDIA's container)")
-    # explicit model list: the repository folder also holds `artifacts/`, which is not a model
-    srv = TritonServer(model_repo, http_port=None, grpc_port=None, metrics_port=None, model_control_mode="explicit",
-                       load_models=MODELS, ready_timeout=180, stop_timeout=20)
-    srv.start()
-    yield srv
-    srv.stop()
+    yield start_triton(model_repo)
+    for srv in _started:
+        srv.stop()
 
 
 class ServiceProcess:

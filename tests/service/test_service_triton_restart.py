@@ -1,0 +1,83 @@
+"""Faults produced for real: Triton stopped and restarted under the service; SIGTERM drains within drain_seconds.
+
+Runs after test_service_e2e.py (file order) because it stops the shared tritonserver for a while.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import ServiceProcess, restart_triton
+
+from moss_speech.services.api import speech_pb2 as pb
+from moss_speech.services.api import speech_pb2_grpc
+
+TEXT = pb.OUTPUT_MODALITY_TEXT
+SMALL = pb.Sampling(max_new_tokens=8, seed=1)
+
+
+def ask(stub, **kw):
+    return stub.Converse(pb.ConverseRequest(text="are you there", output=TEXT, sampling=SMALL), timeout=30, **kw)
+
+
+def test_triton_down_unavailable_then_recovers(stub, service, triton):
+    ask(stub)
+    errors_before = service.metric("moss_speech_triton_errors_total")
+    triton.stop()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            ask(stub)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "request_id=" in e.value.details()
+        service.wait_health("NOT_SERVING", timeout=5)
+        # sessions and validation keep working while Triton is away
+        sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session_id
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Converse(pb.ConverseRequest(session_id=sid, text="x"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).turns == 0  # failed turn not kept
+    finally:
+        restart_triton(triton)
+    service.wait_health("SERVING", timeout=15)  # no restart of the service needed
+    r = ask(stub)
+    assert r.usage.generated_tokens == 8
+    assert service.metric("moss_speech_triton_errors_total") > errors_before
+    assert service.metric("moss_speech_requests_total", method="Converse", status="UNAVAILABLE") >= 2
+
+
+def test_sigterm_drains_open_streams_within_bound(triton, tmp_path):
+    svc = ServiceProcess(triton.grpc_url, tmp_path / "drain.log", MOSS_SPEECH_DRAIN_SECONDS="4").start()
+    results: dict[str, object] = {}
+    try:
+        channel = grpc.insecure_channel(svc.address)
+        stub = speech_pb2_grpc.MossSpeechStub(channel)
+        ask(stub)  # warm (imports, model configs)
+
+        def run(name: str, tokens: int) -> None:
+            sampling = pb.Sampling(max_new_tokens=tokens, min_new_tokens=tokens, seed=1)
+            try:
+                results[name] = stub.Converse(pb.ConverseRequest(text="go", output=pb.OUTPUT_MODALITY_SPEECH,
+                                                                 sampling=sampling), timeout=60)
+            except grpc.RpcError as e:
+                results[name] = e.code()
+
+        threads = [threading.Thread(target=run, args=("short", 30)), threading.Thread(target=run, args=("long", 900))]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        svc.proc.terminate()
+        svc.proc.wait(30)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+        assert svc.proc.returncode == 0
+        assert took < 4 + 5, took  # drain bound + shutdown
+        assert isinstance(results["short"], pb.ConverseResponse)  # finished during the drain
+        assert results["long"] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)  # cut at the bound
+        assert "draining" in svc.logs()
+        channel.close()
+    finally:
+        svc.stop()
