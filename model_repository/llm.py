@@ -100,7 +100,8 @@ class Responder:
     def __init__(self, sender, voice_id: str):
         self.sender = sender
         self.voice_id = voice_id
-        self.seq = 0
+        self.chunks = 0  # audio chunk index
+        self.responses = 0  # response index: clients order by it
 
     def __call__(self, update: Update) -> None:
         if update.error is not None:
@@ -124,11 +125,13 @@ class Responder:
 
     def _window(self, window) -> list:
         if window is None:
-            tokens, meta = [], [0, 0, 0, 0, -1, 0]
+            tokens, meta = [], [0, 0, 0, 0, -1, 0, self.responses]
         else:
             tokens = window.tokens
-            meta = [window.n_context, window.n_chunk, window.first_position, int(window.finalize), self.seq, 1]
-            self.seq += 1
+            meta = [window.n_context, window.n_chunk, window.first_position, int(window.finalize), self.chunks, 1,
+                    self.responses]
+            self.chunks += 1
+        self.responses += 1
         return [pb_utils.Tensor("WINDOW_TOKENS", np.array([tokens], dtype=np.int64).reshape(1, -1)),
                 pb_utils.Tensor("WINDOW_META", np.array([meta], dtype=np.int64)),
                 string_tensor(pb_utils, "VOICE_ID", self.voice_id)]

@@ -51,7 +51,8 @@ class TritonPythonModel:
             meta = pb_utils.get_input_tensor_by_name(request, "WINDOW_META").as_numpy().reshape(-1)
             pcm = audio.get(i, np.zeros(0, dtype=np.float32)).astype(np.float32, copy=False)
             outputs = [pb_utils.Tensor("AUDIO_CHUNK", pcm.reshape(1, -1)),
-                       pb_utils.Tensor("AUDIO_SEQ", np.array([[meta[4] if i in audio else -1]], dtype=np.int64))]
+                       pb_utils.Tensor("AUDIO_SEQ", np.array([[meta[4] if i in audio else -1]], dtype=np.int64)),
+                       pb_utils.Tensor("SEQ", np.array([[meta[6]]], dtype=np.int64))]
             for name in PASSTHROUGH:
                 value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 outputs.append(pb_utils.Tensor(f"{name}_OUT", value))

@@ -30,3 +30,28 @@ def prompt_builder(tiny_dir, tiny_model):
     from moss_speech.builders.llm.prompt import PromptBuilder
 
     return PromptBuilder.from_dir(tiny_dir, tiny_model.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """`moss-speech checkpoint tiny` output: the LLM checkpoint, with the codec in ./codec."""
+    from moss_speech.builders.codec.tiny import write_tiny_codec
+    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-bundle")
+    write_tiny_checkpoint(path, seed=0)
+    write_tiny_codec(path / "codec", seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cpu_repo(tiny_bundle, tmp_path_factory):
+    """The CPU model repository (onnxruntime LLM and codec) built from `tiny_bundle`, with a small context
+    so context errors are cheap to provoke."""
+    from moss_speech.builders.config import ServingConfig
+    from moss_speech.builders.export.build import build_repository
+
+    out = tmp_path_factory.mktemp("cpu-repo")
+    build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", out,
+                     ServingConfig.for_target("cpu", max_slots=4, max_context=1024), progress=False)
+    return out
