@@ -35,13 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that describe bad input (a wrong directory, an inconsistent config, audio that cannot be used):
+# printed as one line, not as a traceback.
+USER_ERRORS = ("ConfigError", "CheckpointError", "CodecConfigError", "BuildError", "ContextLengthError",
+               "AudioError", "TritonStartError")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        if type(e).__name__ not in USER_ERRORS:
+            raise
+        print(f"moss-speech {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
