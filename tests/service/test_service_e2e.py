@@ -305,3 +305,25 @@ def test_metrics_reflect_traffic(stub, service):
     assert metric(text, "moss_speech_active_streams") == 0
     assert metric(text, "moss_speech_sessions") >= 1
     assert urllib.request.urlopen(f"http://localhost:{service.metrics_port}/metrics", timeout=5).status == 200
+
+
+# --- the `moss-speech ask` client --------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["audio", "text"])
+def test_ask_cli_streams_answer_to_wav(service, tmp_path, source):
+    import subprocess
+    import sys
+
+    out = tmp_path / "answer.wav"
+    question = tmp_path / "q.wav"
+    question.write_bytes(wav(1.0, 16000))
+    src = ["--audio", str(question)] if source == "audio" else ["--text", "hello"]
+    r = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "ask", *src, "--out", str(out),
+                        "--server", service.address, "--new-session", "--max-new-tokens", "16", "--seed", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "time to first audio" in r.stderr and "real-time factor" in r.stderr and "session:" in r.stderr
+    data, rate = sf.read(out)
+    assert rate == 24000 and len(data) > 0
+    bad = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "ask", "--text", "hi", "--server",
+                          service.address, "--session", "missing"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
