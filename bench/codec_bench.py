@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from moss_speech.builders.codec import SpeechCodec, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import median_time, print_table  # noqa: E402
+
 from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint  # noqa: E402
 from moss_speech.builders.llm.generate import SamplingParams, generate  # noqa: E402
 from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402

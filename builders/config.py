@@ -175,7 +175,7 @@ class ServingConfig(BaseModel):
     encoder_max_batch: int = Field(8, ge=1)
     vocoder_max_batch: int = Field(8, ge=1)
     vocoder_instances: int = Field(2, ge=1)
-    queue_delay_us: int = Field(2000, ge=0)  # dynamic batching delay of encoder and vocoder
+    queue_delay_us: int = Field(500, ge=0)  # dynamic batching delay of encoder and vocoder (latency first)
     # Ensembles' max_inflight_requests: only newer tritonservers know the field (2.51 rejects it).
     max_inflight_requests: int | None = Field(None, ge=1)
     chunk_tokens: int = Field(5, ge=1)

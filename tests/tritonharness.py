@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from moss_speech.services.triton_server import TritonServer, find_binary
 
 StartServer = Callable[..., TritonServer]

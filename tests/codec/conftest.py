@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from moss_speech.builders.codec import SpeechCodec
 from moss_speech.builders.codec.tiny import write_tiny_codec
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
 from moss_speech.builders.codec.audio import AudioError, PromptMel, WhisperMel, load_audio, slaney_mel_filters
 from moss_speech.builders.codec.config import AudioLimits, PreprocessorConfig, PromptMelConfig
 

@@ -2,10 +2,11 @@ import random
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from moss_speech.builders.codec import DecodeWindow, SpeechCodec, UnknownVoiceError, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.streaming import chunk_bounds
-from pydantic import ValidationError
 
 # Bound for streamed-vs-offline decoding with the default window (20 context, 5 chunk, 3 lookahead tokens).
 # Not bit-exact: the windowed flow sees 20 tokens of history and 3 of future, its chunk masks start at the

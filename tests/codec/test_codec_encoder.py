@@ -5,12 +5,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from moss_speech.builders.codec.config import CodecConfigError, EncoderConfig, FlowYaml
 from moss_speech.builders.codec.encoder import WhisperVQEncoder
 from moss_speech.builders.codec.flow import FlowModel
 from moss_speech.builders.codec.hift import HiFTGenerator
 from moss_speech.builders.codec.weights import CheckpointError
-from safetensors.torch import load_file, save_file
 
 
 def _speechy(n: int, seed: int = 0) -> np.ndarray:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from helm_support import KUBE_VERSIONS, VALUES_SETS, Helm
+
 from moss_speech.services.helm_tool import ensure_helm
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 import yaml
 from helm_support import KUBE_VERSIONS, VALUES_SETS, by_kind, chart_values, component
+
 from moss_speech.services import metrics as m
 
 KV = KUBE_VERSIONS[-1]

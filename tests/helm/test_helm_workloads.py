@@ -8,6 +8,7 @@ import re
 
 import pytest
 from helm_support import KUBE_VERSIONS, VALUES_SETS, by_kind, chart_values, component
+
 from moss_speech.services.settings import ServiceSettings, env_var
 
 KV = KUBE_VERSIONS[-1]

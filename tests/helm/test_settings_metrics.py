@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from moss_speech.services import metrics as m
 from prometheus_client.parser import text_string_to_metric_families
+
+from moss_speech.services import metrics as m
 
 PROM_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 

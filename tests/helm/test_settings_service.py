@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 import yaml
 from helm_support import CHART, REPO
-from moss_speech.services import settings as s
 from pydantic import ValidationError
+
+from moss_speech.services import settings as s
 
 # Fields the chart derives instead of copying a default (triton_url points at the release's Triton Service).
 CHART_DERIVED = {"triton_url"}

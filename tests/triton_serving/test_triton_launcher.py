@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tritonharness import tritonserver_available, write_model
+
 from moss_speech.services.triton_server import (
     TritonServer,
     TritonStartError,
@@ -20,7 +22,6 @@ from moss_speech.services.triton_server import (
     free_port,
     prepare_wheel_binary,
 )
-from tritonharness import tritonserver_available, write_model
 
 ADD_ONE = """
 import triton_python_backend_utils as pb_utils

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from moss_speech.services.triton_server import TritonServer
 from tritonharness import Stream, has_outputs, is_final, metric, tritonserver_available, write_model
+
+from moss_speech.services.triton_server import TritonServer
 
 TOY = Path(__file__).parent / "toy_models"
 STEP_MS = 20

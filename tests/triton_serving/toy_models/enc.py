@@ -4,9 +4,10 @@ import json
 import os
 import time
 
-import moss_speech.services  # noqa: F401  (spike item h: the editable package imports inside the stub)
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+import moss_speech.services  # noqa: F401  (spike item h: the editable package imports inside the stub)
 
 
 class TritonPythonModel:
