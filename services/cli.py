@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "moss_speech.builders.training.commands",
     "moss_speech.services.triton_server",
     "moss_speech.services.commands",
+    "moss_speech.services.demo",
 )
 
 

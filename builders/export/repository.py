@@ -9,7 +9,6 @@ import jinja2
 
 from ..config import ServingConfig
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
 LLM_OUTPUTS = ["WINDOW_TOKENS", "WINDOW_META", "VOICE_ID", "TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS",
                "FINAL", "USAGE"]
 PASSTHROUGH = ["TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS", "FINAL", "USAGE"]
@@ -23,8 +22,7 @@ from moss_speech.model_repository.{module} import TritonPythonModel  # noqa: F40
 def _templates() -> jinja2.Environment:
     import moss_speech.model_repository as pkg
 
-    folder = Path(pkg.__file__).parent / "templates"
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(folder if folder.is_dir() else TEMPLATES),
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(Path(pkg.__file__).parent / "templates"),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
