@@ -141,6 +141,28 @@ def throughput(url: str, audio: np.ndarray, max_new: int, concurrency: int, requ
     return sum(produced) / (time.perf_counter() - t0)
 
 
+def perf_analyzer(url: str, work: Path, audio: np.ndarray, max_new: int) -> str:
+    """perf_analyzer streaming against the s2s ensemble; returns the command and its report."""
+    from perf_analyzer import run_perf_analyzer, stream_latencies_ms
+
+    data = work / "s2s_input.json"
+    data.write_text(json.dumps({"data": [{
+        "AUDIO": {"content": audio.tolist(), "shape": [audio.size]},
+        "SAMPLING": [sampling(max_new)],
+    }]}))
+    profile = work / "s2s_profile.json"
+    args = ["-m", "s2s", "-u", url, "-i", "grpc", "--streaming", f"--input-data={data}", "--concurrency-range=1:4",
+            "--measurement-interval=8000", "--stability-percentage=50", f"--profile-export-file={profile}"]
+    out = run_perf_analyzer(args)
+    report = out.stdout + out.stderr
+    if profile.exists():
+        lat = stream_latencies_ms(profile)
+        first, last = sorted(lat["first"]), sorted(lat["last"])
+        report += (f"\nprofile export: {len(first)} streams, first response p50 {first[len(first) // 2]:.0f} ms, "
+                   f"last response p50 {last[len(last) // 2]:.0f} ms\n")
+    return "perf_analyzer " + " ".join(args) + "\n" + report
+
+
 def med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -150,6 +172,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--requests", type=int, default=6, help="requests per measurement")
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--perf-analyzer", action="store_true", help="also run perf_analyzer against s2s")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="serving-bench-"))
     tiny, repo = prepare(work)
@@ -160,6 +183,7 @@ def main() -> None:
         served = [served_turn(srv.grpc_url, audio, args.max_new_tokens) for _ in range(args.requests)]
         tput = {c: throughput(srv.grpc_url, audio, args.max_new_tokens, c, args.requests * c // 2 + 2)
                 for c in (1, 2, 4)}
+        pa = perf_analyzer(srv.grpc_url, work, audio, args.max_new_tokens) if args.perf_analyzer else None
     print_table(f"time to first audio and RTF (tiny model, CPU, {args.max_new_tokens} speech tokens, medians of "
                 f"{args.requests})", [
         ("in-process TTFA", f"{med(local, 'ttfa') * 1e3:.0f} ms"),
@@ -171,6 +195,8 @@ def main() -> None:
     print_table("throughput through Triton (speech seconds per wall second)", [
         (f"concurrency {c}", f"{v:.2f}  ({v / tput[1]:.2f}x c=1)") for c, v in tput.items()
     ] + [("goal", "c=4 >= 1.5x c=1")])
+    if pa:
+        print("\n## perf_analyzer against the streaming ensemble\n" + pa)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,22 @@ def serving_config(params: dict[str, str]) -> ServingConfig:
     serving = ServingConfig.model_validate_json(params["serving"])
     torch.set_num_threads(serving.cpu_threads)
     return serving
+
+
+def artifact_path(args: dict[str, Any], params: dict[str, str], key: str) -> Path | None:
+    """A model parameter naming an artifact, resolved against the repository root (None when unset)."""
+    rel = params.get(key) or None
+    return rel and Path(args["model_repository"]).parent / rel
+
+
+def load_codec(args: dict[str, Any]):
+    """The codec runtime the repository names (speech_encoder and vocoder share it) and the model parameters."""
+    from moss_speech.builders.runtime.factory import load_codec_runtime
+
+    params = model_parameters(args)
+    codec = load_codec_runtime(serving_config(params), params["codec_dir"],
+                               artifact_path(args, params, "codec_artifacts"))
+    return codec, params
 
 
 def string_input(pb_utils, request, name: str) -> str | None:

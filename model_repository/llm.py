@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from moss_speech.builders.runtime.factory import load_llm_runtime
 from moss_speech.builders.runtime.scheduler import Engine, QueueFullError, Request, Update
 from moss_speech.model_repository.common import (
     array_input,
+    artifact_path,
     error_response,
     model_parameters,
     serving_config,
@@ -38,9 +38,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         serving = serving_config(params)
-        repo = Path(args["model_repository"]).parent
-        artifact = params.get("llm_artifact") or None
-        runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact and repo / artifact)
+        runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"))
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
         self.family = pb_utils.MetricFamily(name=ACTIVE_SEQUENCES, description="sequences holding a KV slot",
                                             kind=pb_utils.MetricFamily.GAUGE)

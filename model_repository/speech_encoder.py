@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.audio import AudioError
-from moss_speech.builders.runtime.factory import load_codec_runtime
-from moss_speech.model_repository.common import error_response, model_parameters, serving_config
+from moss_speech.model_repository.common import error_response, load_codec
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        repo = Path(args["model_repository"]).parent
-        artifacts = params.get("codec_artifacts") or None
-        self.codec = load_codec_runtime(serving_config(params), params["codec_dir"], artifacts and repo / artifacts)
+        self.codec, params = load_codec(args)
         self.max_samples = int(float(params.get("max_audio_seconds", "300")) * 16000)
         self.codec.encode_pcm([np.zeros(16000, np.float32)])  # warm up before the first client
 

@@ -6,20 +6,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.streaming import DecodeWindow
-from moss_speech.builders.runtime.factory import load_codec_runtime
-from moss_speech.model_repository.common import error_response, model_parameters, serving_config, string_input
+from moss_speech.model_repository.common import error_response, load_codec, string_input
 
 PASSTHROUGH = ("TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS", "FINAL", "USAGE")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from pathlib import Path
-
-        params = model_parameters(args)
-        repo = Path(args["model_repository"]).parent
-        artifacts = params.get("codec_artifacts") or None
-        self.codec = load_codec_runtime(serving_config(params), params["codec_dir"], artifacts and repo / artifacts)
+        self.codec, _ = load_codec(args)
         # Warm up (voice conditioning, first-call allocations) so the first client does not pay for it.
         self.codec.decode_windows([DecodeWindow(tokens=[0] * 8, n_context=0, n_chunk=5, first_position=0)])
 

@@ -158,7 +158,7 @@ def test_history_continues_the_conversation(served, reference, codec):
     first = ask(served, s2s_inputs(speech(0.8, 300), GREEDY | {"max_new_tokens": 8}))
     second = ask(served, s2s_inputs(speech(0.5, 500), GREEDY | {"max_new_tokens": 8}, history=first["turn_rows"]))
     codes = codec.encode_pcm([speech(0.5, 500)])[0].tolist()
-    prompt = reference["prompts"].continue_conversation(torch.from_numpy(first["turn_rows"]),
+    prompt = reference["prompts"].continue_conversation(torch.tensor(first["turn_rows"]),
                                                         Turn("user", codes=codes), "speech")
     assert second["usage"]["prompt_tokens"] == prompt.shape[0]
     ref = generate(reference["model"], [prompt], SamplingParams.greedy(max_new_tokens=8))[0]
