@@ -10,6 +10,11 @@ import numpy as np
 
 from moss_speech.builders.config import ServingConfig
 
+# Exported by the llm model (pb_utils.MetricFamily); the chart's autoscaling reads it. Defined here, not in
+# services.metrics: the Python stub must not import prometheus_client (its ssl import fails when the stub's
+# libpython differs from the venv's interpreter, as with the pytriton wheel on a pyenv Python).
+LLM_ACTIVE_SEQUENCES = "moss_speech_llm_active_sequences"
+
 
 def model_parameters(args: dict[str, Any]) -> dict[str, str]:
     config = json.loads(args["model_config"])

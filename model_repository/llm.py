@@ -20,6 +20,7 @@ from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 from moss_speech.builders.runtime.factory import load_llm_runtime
 from moss_speech.builders.runtime.scheduler import Engine, QueueFullError, Request, Update
 from moss_speech.model_repository.common import (
+    LLM_ACTIVE_SEQUENCES,
     array_input,
     artifact_path,
     error_response,
@@ -29,7 +30,6 @@ from moss_speech.model_repository.common import (
     string_tensor,
 )
 
-ACTIVE_SEQUENCES = "moss_speech_llm_active_sequences"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 NO_ROWS = np.zeros((1, 0, 2), dtype=np.int64)
 
@@ -40,7 +40,7 @@ class TritonPythonModel:
         serving = serving_config(params)
         runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"))
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
-        self.family = pb_utils.MetricFamily(name=ACTIVE_SEQUENCES, description="sequences holding a KV slot",
+        self.family = pb_utils.MetricFamily(name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot",
                                             kind=pb_utils.MetricFamily.GAUGE)
         self.gauge = self.family.Metric(labels={"model": "llm"})
         self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set)

@@ -23,7 +23,7 @@ CONTEXT_TRUNCATIONS_TOTAL = "moss_speech_context_truncations_total"
 # --- Triton metrics ----------------------------------------------------------------------------------------
 # Triton's own names (documented in Triton's metrics guide; the Triton-serving tests check them against
 # a running tritonserver's /metrics), and the gauge our Python-backend llm model exports via
-# pb_utils.MetricFamily (the llm model should import LLM_ACTIVE_SEQUENCES from here).
+# pb_utils.MetricFamily; its name is defined next to the model adapters (imported below).
 TRITON_REQUEST_SUCCESS = "nv_inference_request_success"
 TRITON_REQUEST_FAILURE = "nv_inference_request_failure"
 TRITON_INFERENCE_COUNT = "nv_inference_count"
@@ -33,7 +33,7 @@ TRITON_PENDING_REQUEST_COUNT = "nv_inference_pending_request_count"
 TRITON_COMPUTE_INFER_DURATION_US = "nv_inference_compute_infer_duration_us"
 TRITON_GPU_UTILIZATION = "nv_gpu_utilization"
 TRITON_GPU_MEMORY_USED_BYTES = "nv_gpu_memory_used_bytes"
-LLM_ACTIVE_SEQUENCES = "moss_speech_llm_active_sequences"
+from moss_speech.model_repository.common import LLM_ACTIVE_SEQUENCES  # noqa: E402  (the llm model's gauge)
 
 TRITON_METRICS = frozenset({
     TRITON_REQUEST_SUCCESS, TRITON_REQUEST_FAILURE, TRITON_INFERENCE_COUNT, TRITON_EXEC_COUNT,

@@ -217,3 +217,13 @@ def test_triton_metrics_count_the_requests(served):
     assert metric(text, "nv_inference_request_success", model="s2s") == before + 1
     assert metric(text, "nv_inference_request_success", model="vocoder") >= 1
     assert metric(text, "nv_inference_count", model="speech_encoder") >= 1
+
+
+def test_chart_metric_names_exist_on_the_running_server(served):
+    """The Triton metric names the chart's autoscaling and dashboards use are what this tritonserver exports
+    (GPU metrics only exist on GPU servers)."""
+    from moss_speech.services.metrics import TRITON_GPU_MEMORY_USED_BYTES, TRITON_GPU_UTILIZATION, TRITON_METRICS
+
+    exported = {line.split()[2] for line in served.metrics().splitlines() if line.startswith("# TYPE ")}
+    expected = TRITON_METRICS - {TRITON_GPU_UTILIZATION, TRITON_GPU_MEMORY_USED_BYTES}
+    assert expected <= exported, sorted(expected - exported)
