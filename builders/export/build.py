@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,13 +89,17 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
     cfg = MossSpeechConfig.from_dir(checkpoint)
     onnx_rel = f"{LLM_ARTIFACTS}/model.onnx"
 
+    # onnxruntime serves the fp32 graph (its CPU provider has no bf16 kernels); TensorRT builds from a graph
+    # already in the serving dtype, so the network is strongly typed and no precision flag is needed.
+    graph_dtype = serving.dtype if serving.llm_runtime == "tensorrt" else "float32"
+
     def export() -> dict[str, Any]:
         from .onnx_llm import export_llm_onnx
 
-        info = export_llm_onnx(checkpoint, out / onnx_rel)
+        info = export_llm_onnx(checkpoint, out / onnx_rel, dtype=graph_dtype)
         return {"graph": _describe(info)}
 
-    steps = [Step("llm.onnx", _key(source, "onnx", BUILDER_VERSION), [onnx_rel], export)]
+    steps = [Step("llm.onnx", _key(source, "onnx", graph_dtype, BUILDER_VERSION), [onnx_rel], export)]
     if serving.llm_runtime == "tensorrt":
         plan_rel = f"{LLM_ARTIFACTS}/model.plan"
 
@@ -127,8 +132,9 @@ def _codec_steps(codec: Path, out: Path, serving: ServingConfig, source: str) ->
         def engines() -> dict[str, Any]:
             from .onnx_codec import build_codec_engines
 
-            engines = build_codec_engines(codec, out / rel, precision=_precision(serving),
-                                          max_batch=serving.vocoder_max_batch, streaming=serving.streaming())
+            # The codec graphs are fp32 (the vocoder's numerics are the audible part); engines keep that.
+            engines = build_codec_engines(codec, out / rel, precision="fp32", max_batch=serving.vocoder_max_batch,
+                                          streaming=serving.streaming())
             return {"engines": _describe(engines)}
 
         steps.append(Step("codec.engines", _key(source, "engines", serving.model_dump(), BUILDER_VERSION),
@@ -204,6 +210,10 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
         "hash_cache": cache,
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    if '"backend": "tensorrt-rtx"' in json.dumps(artifacts):
+        print("moss-speech build: no datacenter TensorRT here, so the engines were built with TensorRT-RTX: they prove "
+              "the graphs parse and build, but NVIDIA's Triton container cannot load them. Build the gpu target "
+              "inside that container (its tensorrt package) to serve.", file=sys.stderr)
     return manifest
 
 

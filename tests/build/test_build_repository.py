@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -85,3 +86,20 @@ def test_cli_build_with_torch_runtimes(tiny_bundle, tmp_path):
                           "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error: no config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gpu_target_builds_engines_offline(tiny_bundle, tmp_path, capsys):
+    """Without a GPU the engines come from the TensorRT-RTX builder: they prove every graph parses and builds
+    with the config's profiles. Running them needs a GPU and is not checked here."""
+    pytest.importorskip("tensorrt_rtx_bindings" if importlib.util.find_spec("tensorrt") is None else "tensorrt")
+    manifest = build_repository(tiny_bundle, tiny_bundle / "codec", "gpu", tmp_path,
+                                ServingConfig.for_target("gpu", max_slots=2, max_context=256), progress=False)
+    llm = manifest["artifacts"]["llm.engine"]["engine"]
+    assert llm["precision"] == "bf16" and (tmp_path / "llm/1/artifacts/model.plan").stat().st_size > 0
+    assert [p["past_kv"][2][2] for p in manifest["artifacts"]["llm.engine"]["profiles"]] == [2, 1]  # max batch
+    engines = manifest["artifacts"]["codec.engines"]["engines"]
+    assert set(engines) == {"whisper_mel", "speech_encoder", "flow_encoder", "flow_estimator", "hift"}
+    text = (tmp_path / "llm" / "config.pbtxt").read_text()
+    assert "KIND_GPU" in text and "model.plan" in text
+    if llm["backend"] == "tensorrt-rtx":
+        assert "TensorRT-RTX" in capsys.readouterr().err
