@@ -35,11 +35,13 @@ def write_repository(out: str | Path, serving: ServingConfig, checkpoint_dir: st
     env = _templates()
     common = {"serving": serving.model_dump_json()}
     codec = common | {"codec_dir": str(Path(codec_dir).resolve()), "codec_artifacts": codec_artifacts or ""}
+    # The service's ListVoices reads this list from the vocoder's config (voice id = WAV file stem).
+    voices = sorted(p.stem for p in (Path(codec_dir) / "voices").glob("*.wav"))
     params = {
         "encoder_params": codec | {"max_audio_seconds": str(max_audio_seconds)},
         "llm_params": common | {"checkpoint_dir": str(Path(checkpoint_dir).resolve()),
                                 "llm_artifact": llm_artifact or ""},
-        "vocoder_params": codec,
+        "vocoder_params": codec | {"voices": ",".join(voices)},
     }
     written = []
     for name in PYTHON_MODELS:

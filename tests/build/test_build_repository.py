@@ -52,6 +52,8 @@ def test_repository_configs(cpu_repo):
         text = (cpu_repo / name / "config.pbtxt").read_text()
         assert "dynamic_batching" in text and "allow_ragged_batch: true" in text
         assert "vocoder/1/artifacts/codec" in text  # parameters point at the artifacts
+    vocoder = (cpu_repo / "vocoder" / "config.pbtxt").read_text()
+    assert 'key: "voices"\n  value { string_value: "default" }' in vocoder  # what ListVoices serves
     s2s = (cpu_repo / "s2s" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in s2s and "max_inflight_requests" not in s2s  # 2.51 rejects the field
     for name in ("speech_encoder", "llm", "vocoder"):
