@@ -13,6 +13,7 @@ from .config import (
     VOICES_DIR,
     XVECTOR_DIM,
     AudioLimits,
+    CodecSizes,
     EncoderConfig,
     FlowYaml,
     PreprocessorConfig,
@@ -26,7 +27,7 @@ from .voices import Voice, VoiceRegistry
 from .xvector import XVectorExtractor
 
 
-class SpeechCodec:
+class SpeechCodec(CodecSizes):
     def __init__(
         self,
         codec_dir: Path,
@@ -51,26 +52,6 @@ class SpeechCodec:
         self.prompt_mel = PromptMel(self.flow_yaml.feat_extractor)
         self.xvector = XVectorExtractor.from_dir(codec_dir)
         self.voices = VoiceRegistry(self._voice_from_file, voices_dir or codec_dir / VOICES_DIR)
-
-    # ---- sizes
-    # ----------------------------------------------------------------------------------------------
-    @property
-    def sample_rate(self) -> int:
-        return self.flow_yaml.sample_rate
-
-    @property
-    def input_rate(self) -> int:
-        return self.pre_cfg.sampling_rate
-
-    @property
-    def samples_per_code_in(self) -> int:
-        """16 kHz input samples per code (1280)."""
-        return self.pre_cfg.hop_length * self.encoder_cfg.frames_per_code
-
-    @property
-    def samples_per_token(self) -> int:
-        """24 kHz output samples per token (1920)."""
-        return self.flow_yaml.samples_per_token
 
     # ---- encoder
     # --------------------------------------------------------------------------------------------

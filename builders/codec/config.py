@@ -410,6 +410,33 @@ class StreamingConfig(_Schema):
         return self
 
 
+class CodecSizes:
+    """Rates and sizes derived from the codec's configs, for classes that hold `flow_yaml`, `pre_cfg` and
+    `encoder_cfg` (the PyTorch codec and the serving runtimes)."""
+
+    flow_yaml: FlowYaml
+    pre_cfg: PreprocessorConfig
+    encoder_cfg: EncoderConfig
+
+    @property
+    def sample_rate(self) -> int:
+        return self.flow_yaml.sample_rate
+
+    @property
+    def input_rate(self) -> int:
+        return self.pre_cfg.sampling_rate
+
+    @property
+    def samples_per_code_in(self) -> int:
+        """16 kHz input samples per code (1280)."""
+        return self.pre_cfg.hop_length * self.encoder_cfg.frames_per_code
+
+    @property
+    def samples_per_token(self) -> int:
+        """24 kHz output samples per token (1920)."""
+        return self.flow_yaml.samples_per_token
+
+
 class AudioLimits(_Schema):
     max_seconds: float = 300.0  # longest accepted input audio
     max_bytes: int = 64 * 1024 * 1024  # largest accepted encoded file

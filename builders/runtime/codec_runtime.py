@@ -32,6 +32,7 @@ from ..codec.config import (
     VOICES_DIR,
     XVECTOR_DIM,
     AudioLimits,
+    CodecSizes,
     EncoderConfig,
     FlowYaml,
     PreprocessorConfig,
@@ -64,7 +65,7 @@ class VoiceCond:
     spks: np.ndarray
 
 
-class CodecRuntime:
+class CodecRuntime(CodecSizes):
     backend = "base"
 
     def __init__(
@@ -97,23 +98,6 @@ class CodecRuntime:
         if cfm.t_scheduler == "cosine":
             t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
         self._t_span = t_span.numpy()  # same float32 values as FlowModel.solve
-
-    # ---- sizes
-    @property
-    def sample_rate(self) -> int:
-        return self.flow_yaml.sample_rate
-
-    @property
-    def input_rate(self) -> int:
-        return self.pre_cfg.sampling_rate
-
-    @property
-    def samples_per_code_in(self) -> int:
-        return self.pre_cfg.hop_length * self.encoder_cfg.frames_per_code
-
-    @property
-    def samples_per_token(self) -> int:
-        return self.flow_yaml.samples_per_token
 
     # ---- construction
     @classmethod
