@@ -1,0 +1,100 @@
+"""Decode tokens/s of the torch LLM runtime on a model of the REAL shape (random weights), at batch 1 and 8,
+against the GPU's memory-bandwidth limit (weight bytes read per step / bandwidth).
+
+For a lent GPU machine (the device tool): `python bench/gpu_decode_bench.py --device cuda`. On a CPU it runs a
+small shape (`--small`) only to check the script. Not run on a GPU yet: no task so far was lent one.
+
+    python bench/gpu_decode_bench.py --device cuda [--bandwidth-tbs 3.35] [--context 1024] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import print_table  # noqa: E402
+
+from moss_speech.builders.config import MossSpeechConfig, tiny_config  # noqa: E402
+from moss_speech.builders.llm.checkpoint import skip_weight_init  # noqa: E402
+from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402
+from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
+
+# Peak HBM bandwidth by device name (TB/s); pass --bandwidth-tbs for anything else.
+BANDWIDTH_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100-SXM4-80GB": 2.04}
+
+
+def random_model(cfg: MossSpeechConfig, device: str, dtype: torch.dtype) -> MossSpeechForCausalLM:
+    with torch.device(device), skip_weight_init():
+        model = MossSpeechForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.initializer_range)
+    return model.eval()
+
+
+def bytes_per_step(model: MossSpeechForCausalLM) -> int:
+    """Weights a decode step reads: every layer and both heads; of the embedding tables only a row per token."""
+    skip = {"model.embed_tokens.weight", "model.audio_embed.weight"}
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+
+
+def decode_rate(runtime: TorchLLMRuntime, batch: int, prompt: int, steps: int, device: str) -> float:
+    cfg = runtime.config
+    slots = [runtime.acquire() for _ in range(batch)]
+    grid = torch.stack([torch.randint(0, 5000, (prompt,)), torch.full((prompt,), cfg.audio_pad_token_id)], -1)
+    for s in slots:
+        runtime.prefill(s, grid)
+    rows = torch.stack([torch.full((batch,), cfg.modality_pad_token_id), torch.randint(0, 16384, (batch,))], -1)
+    runtime.decode(slots, rows)  # warm up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runtime.decode(slots, rows)
+    sync()
+    elapsed = time.perf_counter() - t0
+    for s in slots:
+        runtime.release(s)
+    return batch * steps / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny shape (script check on a CPU)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--bandwidth-tbs", type=float, default=None)
+    args = ap.parse_args()
+    small = args.small or not args.device.startswith("cuda")
+    cfg = tiny_config() if small else MossSpeechConfig()
+    dtype = getattr(torch, args.dtype)
+    model = random_model(cfg, args.device, dtype)
+    runtime = TorchLLMRuntime(model, max_slots=8, max_context=args.context)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
+    per_step = bytes_per_step(model)
+    rows = [("device", name), ("shape", "tiny (script check)" if small else "real (Qwen3-8B trunk + 2x4 tails)"),
+            ("weights read per decode step", f"{per_step / 2**30:.2f} GiB ({args.dtype})")]
+    for batch in (1, 8):
+        rate = decode_rate(runtime, batch, args.prompt, args.steps, args.device)
+        line = f"{rate:,.1f} tokens/s ({rate / batch:,.1f} per sequence)"
+        if bw:
+            limit = bw * 1e12 / per_step  # steps/s if every step only streamed the weights once
+            line += f"; bandwidth limit {limit * batch:,.1f} tokens/s -> {rate / (limit * batch):.0%} of it"
+        rows.append((f"decode batch {batch}", line))
+    print_table("torch runtime decode (static KV cache, eager; CUDA graphs not used)", rows)
+
+
+if __name__ == "__main__":
+    main()
