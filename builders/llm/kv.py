@@ -17,7 +17,6 @@ import torch
 class ConcatKVCache:
     def __init__(self, num_layers: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = list(past) if past else [None] * num_layers
-        self._updated: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def length(self) -> int:
@@ -41,8 +40,9 @@ class ConcatKVCache:
 class StaticKVCache:
     """One preallocated buffer [layers, 2, slots, kv_heads, max_len, head_dim] and a length per slot.
 
-    A forward runs on the first `active` slots (callers keep live sequences packed at the front, see
-    `move_slot`), so every read is a view: nothing is reallocated or concatenated per step.
+    Used directly, a forward runs on the first `active` slots; `view(slots)` runs one on any ordered set of slots
+    (rows may have different lengths). Writes go in place; reads are views when the slots are the leading ones,
+    so nothing is reallocated or concatenated per step.
     """
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
@@ -51,40 +51,20 @@ class StaticKVCache:
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.active = slots
-        self._pending = 0
 
-    @property
-    def slots(self) -> int:
-        return self.buffer.shape[2]
+    def view(self, slots: list[int]) -> SlotView:
+        return SlotView(self, list(slots))
 
+    # The cache protocol over the leading `active` slots.
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
         assert batch == self.active, f"forward batch {batch} != active slots {self.active}"
         return self.lengths[:batch]
 
-    def span(self, new_tokens: int) -> int:
-        """Key slots a forward of `new_tokens` reads: up to the longest active row after writing."""
-        return int(self.lengths[: self.active].max()) + new_tokens
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, t, _ = k.shape
-        start = self.lengths[:b]
-        end = int(start.max()) + t
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens per sequence; this step needs {end}")
-        pos = start[:, None] + torch.arange(t, device=k.device)  # [B, T]
-        rows = torch.arange(b, device=k.device)[:, None].expand(b, t)
-        layer_kv = self.buffer[layer]
-        # index_put on [slot, pos] with heads/dims as trailing slices: writes in place, one row per sequence.
-        layer_kv[0].transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(layer_kv.dtype)
-        layer_kv[1].transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(layer_kv.dtype)
-        self._pending = t
-        return layer_kv[0, :b, :, :end], layer_kv[1, :b, :, :end]
+        return self.view(range(k.shape[0])).update(layer, k, v)
 
     def advance(self, n: int) -> None:
         self.lengths[: self.active] += n
-
-    def reset_slot(self, slot: int) -> None:
-        self.lengths[slot] = 0
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy one sequence's cache to another slot (to keep live sequences packed at the front)."""
@@ -92,3 +72,35 @@ class StaticKVCache:
         self.buffer[:, :, dst, :, :n] = self.buffer[:, :, src, :, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
+
+
+class SlotView:
+    """The cache protocol of a `StaticKVCache` for an ordered set of its slots."""
+
+    def __init__(self, cache: StaticKVCache, slots: list[int]):
+        self.cache = cache
+        self.index = torch.tensor(slots, dtype=torch.long, device=cache.buffer.device)
+        self.leading = slots == list(range(len(slots)))
+
+    def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
+        return self.cache.lengths[self.index]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        b, _, t, _ = k.shape
+        start = c.lengths[self.index]
+        end = int(start.max()) + t
+        if end > c.max_len:
+            raise ValueError(f"KV cache holds {c.max_len} tokens per sequence; this step needs {end}")
+        pos = start[:, None] + torch.arange(t, device=k.device)  # [B, T]
+        rows = self.index[:, None].expand(b, t)
+        layer_kv = c.buffer[layer]
+        # index_put on [slot, pos] with heads/dims as trailing slices: writes in place, one row per sequence.
+        layer_kv[0].transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(layer_kv.dtype)
+        layer_kv[1].transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(layer_kv.dtype)
+        if self.leading:
+            return layer_kv[0, :b, :, :end], layer_kv[1, :b, :, :end]
+        return layer_kv[0, self.index, :, :end], layer_kv[1, self.index, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.cache.lengths[self.index] += n

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MossSpeechConfig
-from .kv import ConcatKVCache, StaticKVCache
+from .kv import ConcatKVCache, SlotView, StaticKVCache
 
-KVCache = ConcatKVCache | StaticKVCache
+KVCache = ConcatKVCache | StaticKVCache | SlotView
 
 
 class RMSNorm(nn.Module):
@@ -161,9 +161,6 @@ class MossSpeechForCausalLM(nn.Module):
         e_text = self.model.embed_tokens(text)
         e_audio = self.model.audio_embed(audio.clamp(0, self.config.audio_vocab_size - 1))
         return torch.where(is_audio[..., None], e_audio, e_text)
-
-    def new_cache(self) -> ConcatKVCache:
-        return ConcatKVCache(self.config.num_layer_instances)
 
     def forward(self, grid: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -1,7 +1,7 @@
 """The reference runtime: the PyTorch model with a preallocated, in-place KV cache.
 
 Decode steps gather the live slots' caches into a packed batch only when the live set is not already the
-leading slots; the common steady state (slots 0..B-1 live) reads views of the cache with no copy.
+leading slots (`SlotView`); the common steady state (slots 0..B-1 live) reads views of the cache with no copy.
 """
 
 from __future__ import annotations
@@ -13,35 +13,6 @@ import torch
 from ..llm.kv import StaticKVCache
 from ..llm.model import MossSpeechForCausalLM
 from .base import LLMRuntime
-
-
-class _SlotView:
-    """Cache protocol of `StaticKVCache` for an arbitrary ordered set of slots."""
-
-    def __init__(self, cache: StaticKVCache, slots: list[int]):
-        self.cache = cache
-        self.slots = slots
-        self.index = torch.tensor(slots, dtype=torch.long, device=cache.buffer.device)
-        self.contiguous = slots == list(range(len(slots)))
-
-    def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
-        return self.cache.lengths[self.index]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        c = self.cache
-        b, _, t, _ = k.shape
-        start = c.lengths[self.index]
-        end = int(start.max()) + t
-        pos = start[:, None] + torch.arange(t, device=k.device)
-        rows = self.index[:, None].expand(b, t)
-        c.buffer[layer, 0].transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(c.buffer.dtype)
-        c.buffer[layer, 1].transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(c.buffer.dtype)
-        if self.contiguous:
-            return c.buffer[layer, 0, :b, :, :end], c.buffer[layer, 1, :b, :, :end]
-        return c.buffer[layer, 0, self.index, :, :end], c.buffer[layer, 1, self.index, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.cache.lengths[self.index] += n
 
 
 class TorchLLMRuntime(LLMRuntime):
@@ -62,13 +33,13 @@ class TorchLLMRuntime(LLMRuntime):
 
     @torch.no_grad()
     def _prefill(self, slot, grid):
-        view = _SlotView(self.cache, [slot])
+        view = self.cache.view([slot])
         text, audio = self.model(grid[None].to(self.cache.buffer.device), cache=view, last_only=True)
         return text[0].float().cpu(), audio[0].float().cpu()
 
     @torch.no_grad()
     def _decode(self, slots, rows):
-        view = _SlotView(self.cache, list(slots))
+        view = self.cache.view(slots)
         text, audio = self.model(rows[:, None].to(self.cache.buffer.device), cache=view, last_only=True)
         return text.float().cpu(), audio.float().cpu()
 
