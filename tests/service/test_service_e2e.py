@@ -293,9 +293,12 @@ def test_health_and_reflection(service):
 
 
 def test_metrics_reflect_traffic(stub, service):
-    before = service.metric("moss_speech_requests_total", method="Converse", mode="t2s", status="OK")
-    ttfa_before = service.metric("moss_speech_time_to_first_audio_seconds_count")
+    before = service.metric("moss_speech_requests_total", method="Converse", mode="t2s", status="OK") or 0
+    ttfa_before = service.metric("moss_speech_time_to_first_audio_seconds_count") or 0
     stub.Converse(pb.ConverseRequest(text="count me", output=SPEECH, sampling=SMALL), timeout=60)
+    with pytest.raises(grpc.RpcError):  # one refused request, so the test does not depend on the others
+        stub.Converse(pb.ConverseRequest(output=SPEECH), timeout=60)
+    stub.CreateSession(pb.CreateSessionRequest(), timeout=10)
     text = service.metrics()
     assert metric(text, "moss_speech_requests_total", method="Converse", mode="t2s", status="OK") == before + 1
     assert metric(text, "moss_speech_time_to_first_audio_seconds_count") == ttfa_before + 1
@@ -305,6 +308,19 @@ def test_metrics_reflect_traffic(stub, service):
     assert metric(text, "moss_speech_active_streams") == 0
     assert metric(text, "moss_speech_sessions") >= 1
     assert urllib.request.urlopen(f"http://localhost:{service.metrics_port}/metrics", timeout=5).status == 200
+
+
+def test_running_service_exports_every_registry_family(service):
+    """The chart's autoscaling rules are checked against `ServiceMetrics`' registry (tests/helm); this ties that
+    registry to what the running service really serves on its metrics port."""
+    from moss_speech.services.metrics import ACTIVE_STREAMS, ServiceMetrics
+
+    def families(text: str) -> set[str]:
+        return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+    contracted = families(ServiceMetrics().exposition().decode())
+    exported = families(service.metrics())
+    assert ACTIVE_STREAMS in contracted and contracted <= exported, sorted(contracted - exported)
 
 
 # --- the `moss-speech ask` client --------------------------------------------------------------------------------
