@@ -118,12 +118,16 @@ class SpeechCodec(CodecSizes):
         return pcm[window.n_context * s : (window.n_context + window.n_chunk) * s]
 
     def decode(self, codes: list[int] | np.ndarray, voice_id: str = DEFAULT_VOICE_ID) -> np.ndarray:
-        """Offline decode of a whole utterance in one pass."""
+        """Offline decode of a whole utterance in one pass, with full attention in the flow as the reference's
+        offline path (streamed windows use chunk-causal attention, its streaming mode)."""
         codes = [int(c) for c in codes]
         DecodeWindow(
             tokens=codes or [0], n_context=0, n_chunk=max(1, len(codes)), first_position=0
         )  # validate
-        return self.render(codes, 0, voice_id) if codes else np.zeros(0, np.float32)
+        if not codes:
+            return np.zeros(0, np.float32)
+        with self.flow.attention(chunked=False):
+            return self.render(codes, 0, voice_id)
 
     def decode_streaming(self, codes: list[int] | np.ndarray, voice_id: str = DEFAULT_VOICE_ID) -> np.ndarray:
         """Decode an utterance window by window, as the streamer would, and concatenate."""

@@ -9,6 +9,8 @@ taken from the reference's fixed buffer (seed 0, 15000 frames) at absolute mel p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +52,18 @@ class FlowModel(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.chunked = chunked
         self.decoder = CFM(cfg, cfg.estimator.static_chunk_size if chunked else 0)
+
+    @contextmanager
+    def attention(self, chunked: bool) -> Iterator[None]:
+        """Run with chunk-causal attention (the reference's streaming mode) or full attention (its offline
+        mode: `token2wav(stream=False)` calls `flow.inference(streaming=False)`)."""
+        saved = self.chunked, self.decoder.estimator.chunk
+        self.chunked = chunked
+        self.decoder.estimator.chunk = self.cfg.estimator.static_chunk_size if chunked else 0
+        try:
+            yield
+        finally:
+            self.chunked, self.decoder.estimator.chunk = saved
 
     def speaker(self, xvector: torch.Tensor) -> torch.Tensor:
         """x-vector [B, 192] -> [B, 80]."""

@@ -9,11 +9,12 @@ from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.streaming import chunk_bounds
 
 # Bound for streamed-vs-offline decoding with the default window (20 context, 5 chunk, 3 lookahead tokens).
-# Not bit-exact: the windowed flow sees 20 tokens of history and 3 of future, its chunk masks start at the
-# window, and HiFT integrates the harmonic phase from the window start. Measured on the tiny codec: 28.3 dB
-# (29.3 dB with 40 context tokens, 8.9 dB with none). 25 dB keeps the error near 6 % of the signal amplitude,
+# Not bit-exact: offline decoding uses full attention in the flow (the reference's offline path), windows use
+# chunk-causal attention (its streaming mode) and see 20 tokens of history and 3 of future, their chunk masks
+# start at the window, and HiFT integrates the harmonic phase from the window start. Measured on the tiny codec:
+# 22.8 dB (28.3 dB when offline also used chunk masks). 20 dB keeps the error near 10 % of the signal amplitude,
 # while any misalignment (wrong noise position, sample offset, wrong chunk cut) drives the SNR towards 0 dB.
-MIN_STREAM_SNR_DB = 25.0
+MIN_STREAM_SNR_DB = 20.0
 CODES = [int(c) for c in np.random.default_rng(7).integers(0, 16384, 37)]
 
 
