@@ -90,9 +90,14 @@ class WhisperVQEncoder(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         h = self.hidden(mel)
         c = self.codebook.weight
-        # |h|^2 is constant per row; argmin returns the lowest index on ties
-        dist = (c * c).sum(-1) - 2.0 * torch.matmul(h, c.t())
-        return torch.argmin(dist, dim=-1)
+        flat = h.reshape(-1, h.shape[-1])
+        # Same float ops as the reference (|c|^2 + |h|^2 - 2 h.c via addmm): |h|^2 cannot change the
+        # exact argmin, but it sets the rounding, and near-ties must resolve as the reference resolves them.
+        # argmin returns the lowest index on ties.
+        dist = torch.addmm(
+            torch.sum(c**2, dim=1) + torch.sum(flat**2, dim=1, keepdim=True), flat, c.t(), beta=1.0, alpha=-2.0
+        )
+        return torch.argmin(dist, dim=-1).reshape(h.shape[:-1])
 
     @classmethod
     def from_dir(cls, codec_dir: Path, cfg: EncoderConfig | None = None) -> WhisperVQEncoder:

@@ -86,6 +86,28 @@ def test_encoder_ignores_layers_past_quantize_position(tiny_codec_dir):
     assert len(WhisperVQEncoder.from_dir(tiny_codec_dir).layers) == 2
 
 
+def test_quantizer_rounds_like_reference_on_near_ties():
+    # |c|^2 + |h|^2 - 2 h.c in one addmm, as the reference computes it: |h|^2 does not move the exact argmin
+    # but sets the float rounding, so near-equidistant hidden states must resolve to the same row as there.
+    cfg = EncoderConfig(
+        d_model=256, encoder_attention_heads=4, encoder_ffn_dim=8, quantize_position=1, pooling_position=1
+    )
+    enc = WhisperVQEncoder(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(cfg.quantize_vocab_size, cfg.d_model, generator=g) * 30
+    enc.codebook.weight.data.copy_(c)
+    i, j = torch.randint(0, len(c), (2, 1000), generator=g)
+    eps = (torch.rand(1000, 1, generator=g) - 0.5) * 1e-6
+    h = ((c[i] + c[j]) / 2 + eps * (c[i] - c[j])).reshape(2, 500, -1)
+    enc.hidden = lambda mel: h
+    flat = h.reshape(-1, cfg.d_model)
+    dist = torch.addmm((c**2).sum(1) + (flat**2).sum(1, keepdim=True), flat, c.t(), alpha=-2.0, beta=1.0)
+    with torch.no_grad():
+        got = enc(torch.zeros(2, cfg.num_mel_bins, 8))
+    assert got.shape == (2, 500)
+    assert torch.equal(got, dist.argmin(1).reshape(2, 500))
+
+
 def test_flow_loader_is_non_strict_for_extra_keys_only(tiny_codec_dir, tmp_path):
     d = _copy(tiny_codec_dir, tmp_path)
     cfg = FlowYaml.from_dir(d).flow
