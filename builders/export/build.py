@@ -28,7 +28,16 @@ MANIFEST = "manifest.json"
 # Triton treats every folder at the repository root as a model, so artifacts live inside the model folders.
 LLM_ARTIFACTS = "llm/1/artifacts"
 CODEC_ARTIFACTS = "vocoder/1/artifacts/codec"
-BUILDER_VERSION = 1  # bump when the export code changes what it writes
+BUILDER_VERSION = 2  # bump when the export code changes what it writes
+
+
+def code_fingerprint() -> str:
+    """Hash of the library's model and export code: artifacts built by other code are rebuilt."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 class BuildError(RuntimeError):
@@ -70,11 +79,14 @@ def hash_tree(root: Path, cache: dict[str, dict], bar: tqdm | None = None) -> st
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps([*parts, _CODE], sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+_CODE = code_fingerprint()
 
 
 def tool_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "builder": str(BUILDER_VERSION)}
+    out = {"python": platform.python_version(), "builder": str(BUILDER_VERSION), "code": _CODE}
     for dist in ("torch", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "moss-speech-triton"):
         try:
             out[dist] = metadata.version(dist)
