@@ -43,13 +43,11 @@ def rss_mb(pid: int) -> float:
 
 
 def build_tiny(root: Path) -> Path:
-    from moss_speech.builders.codec.tiny import write_tiny_codec
     from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
-    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+    from moss_speech.builders.tiny import write_tiny_bundle
 
-    write_tiny_checkpoint(root / "ckpt", seed=0)
-    write_tiny_codec(root / "ckpt" / "codec", seed=0)
+    write_tiny_bundle(root / "ckpt", seed=0)
     serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=8, vocoder_instances=1)
     build_repository(root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving,
                      progress=False)

@@ -46,13 +46,11 @@ def sampling(n: int) -> str:
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    from moss_speech.builders.codec.tiny import write_tiny_codec
-    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+    from moss_speech.builders.tiny import write_tiny_bundle
 
     tiny, repo = work / "tiny", work / "repo"
     if not (tiny / "config.json").exists():
-        write_tiny_checkpoint(tiny)
-        write_tiny_codec(tiny / "codec")
+        write_tiny_bundle(tiny)
     build_repository(tiny, tiny / "codec", "cpu", repo, ServingConfig.for_target("cpu"), progress=False)
     return tiny, repo
 

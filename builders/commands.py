@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-CODEC_SUBDIR = "codec"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,19 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
-    from .llm.checkpoint import write_tiny_checkpoint
+    from .tiny import CODEC_SUBDIR, write_tiny_bundle
 
-    cfg = write_tiny_checkpoint(args.out, seed=args.seed)
+    cfg = write_tiny_bundle(args.out, seed=args.seed, codec=not args.no_codec)
     print(f"tiny LLM checkpoint ({cfg.num_shared_layers}+{cfg.num_modality_layers} layers, "
           f"hidden {cfg.hidden_size}) -> {args.out}")
     if not args.no_codec:
-        try:
-            from .codec.tiny import write_tiny_codec
-        except ModuleNotFoundError:
-            print("codec package not available; skipped the tiny codec", file=sys.stderr)
-        else:
-            write_tiny_codec(args.out / CODEC_SUBDIR, seed=args.seed)
-            print(f"tiny codec -> {args.out / CODEC_SUBDIR}")
+        print(f"tiny codec -> {args.out / CODEC_SUBDIR}")
     return 0
 
 

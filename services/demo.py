@@ -73,14 +73,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, codec = args.checkpoint, args.codec
     if checkpoint is None:
-        from moss_speech.builders.codec.tiny import write_tiny_codec
-        from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+        from moss_speech.builders.tiny import write_tiny_bundle
 
         checkpoint = work / "tiny"
         if not (checkpoint / "config.json").is_file():
             print(f"[1/5] tiny random checkpoint + codec in the real layouts -> {checkpoint}")
-            write_tiny_checkpoint(checkpoint)
-            write_tiny_codec(checkpoint / "codec")
+            write_tiny_bundle(checkpoint)
         else:
             print(f"[1/5] tiny checkpoint already in {checkpoint}")
         codec = codec or checkpoint / "codec"

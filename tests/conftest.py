@@ -35,12 +35,10 @@ def prompt_builder(tiny_dir, tiny_model):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """`moss-speech checkpoint tiny` output: the LLM checkpoint, with the codec in ./codec."""
-    from moss_speech.builders.codec.tiny import write_tiny_codec
-    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+    from moss_speech.builders.tiny import write_tiny_bundle
 
     path = tmp_path_factory.mktemp("tiny-bundle")
-    write_tiny_checkpoint(path, seed=0)
-    write_tiny_codec(path / "codec", seed=0)
+    write_tiny_bundle(path, seed=0)
     return path
 
 

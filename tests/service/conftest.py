@@ -35,14 +35,12 @@ SERVICE_ENV = {
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
-    from moss_speech.builders.codec.tiny import write_tiny_codec
     from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
-    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+    from moss_speech.builders.tiny import write_tiny_bundle
 
     root = tmp_path_factory.mktemp("service-repo")
-    write_tiny_checkpoint(root / "ckpt", seed=0)
-    write_tiny_codec(root / "ckpt" / "codec", seed=0)
+    write_tiny_bundle(root / "ckpt", seed=0)
     # The tiny model's context is 2048; 4 slots and one vocoder instance suit 2 shared cores.
     serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=4, vocoder_instances=1)
     build_repository(root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving,

@@ -1,0 +1,21 @@
+"""The tiny bundle `moss-speech checkpoint tiny` writes: a seeded random LLM checkpoint and, in ./codec, a codec,
+both in the real layouts. Tests, benchmarks and the demo all start from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import MossSpeechConfig
+
+CODEC_SUBDIR = "codec"
+
+
+def write_tiny_bundle(out: str | Path, seed: int = 0, codec: bool = True) -> MossSpeechConfig:
+    from .codec.tiny import write_tiny_codec
+    from .llm.checkpoint import write_tiny_checkpoint
+
+    out = Path(out)
+    cfg = write_tiny_checkpoint(out, seed=seed)
+    if codec:
+        write_tiny_codec(out / CODEC_SUBDIR, seed=seed)
+    return cfg
