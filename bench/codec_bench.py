@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import best_time  # bench/ is on sys.path when a script here runs
 
 from moss_speech.builders.codec import SpeechCodec, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -48,18 +39,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pcm = (0.1 * rng.standard_normal(int(16000 * args.seconds))).astype(np.float32)
     codec.encode(pcm, 16000)  # warm-up
-    enc = best_of(lambda: codec.encode(pcm, 16000), args.repeats)
+    enc = best_time(lambda: codec.encode(pcm, 16000), args.repeats, warmup=0)
 
     codes = [int(c) for c in rng.integers(0, 16384, int(round(12.5 * args.seconds)))]
     audio_s = len(codes) * codec.samples_per_token / codec.sample_rate
     codec.decode(codes[:10])
-    off = best_of(lambda: codec.decode(codes), args.repeats)
-    streamed = best_of(lambda: codec.decode_streaming(codes), 1)
+    off = best_time(lambda: codec.decode(codes), args.repeats, warmup=0)
+    streamed = best_time(lambda: codec.decode_streaming(codes), 1, warmup=0)
     first = ready_windows(codes[: cfg.first_chunk_tokens + cfg.lookahead_tokens], 0, False, cfg)[0]
-    first_lat = best_of(lambda: codec.decode_chunk(first), args.repeats * 3)
+    first_lat = best_time(lambda: codec.decode_chunk(first), args.repeats * 3, warmup=0)
     windows = ready_windows(codes, 0, True, cfg)
     steady = windows[len(windows) // 2]
-    steady_lat = best_of(lambda: codec.decode_chunk(steady), args.repeats * 3)
+    steady_lat = best_time(lambda: codec.decode_chunk(steady), args.repeats * 3, warmup=0)
     chunk_s = cfg.chunk_tokens * codec.samples_per_token / codec.sample_rate
 
     print(

@@ -16,22 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import best_time  # bench/ is on sys.path when a script here runs
 
 from moss_speech.builders.codec import SpeechCodec, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec
 from moss_speech.builders.export.onnx_codec import export_codec_onnx
 from moss_speech.builders.runtime.codec_runtime import CodecRuntime
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up (first-shape allocations, voice prompt)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def speechlike(seconds: float, rate: int = 16000) -> np.ndarray:
@@ -78,10 +69,10 @@ def main() -> None:
         "graph_export_s": {k: v.seconds for k, v in infos.items()},
     }
     for name, rt in runtimes.items():
-        enc = best_of(lambda rt=rt: rt.encode_pcm([pcm]), args.repeats)
-        one = best_of(lambda rt=rt: rt.decode_windows([four[0]]), args.repeats)
-        batched = best_of(lambda rt=rt: rt.decode_windows(four), args.repeats)
-        singles = best_of(lambda rt=rt: [rt.decode_windows([w]) for w in four], args.repeats)
+        enc = best_time(lambda rt=rt: rt.encode_pcm([pcm]), args.repeats)
+        one = best_time(lambda rt=rt: rt.decode_windows([four[0]]), args.repeats)
+        batched = best_time(lambda rt=rt: rt.decode_windows(four), args.repeats)
+        singles = best_time(lambda rt=rt: [rt.decode_windows([w]) for w in four], args.repeats)
         res[name] = {
             "encoder_rtf": round(enc / args.seconds, 5),
             "window_ms": round(1e3 * one, 2),
@@ -90,7 +81,7 @@ def main() -> None:
             "batch4_speedup": round(singles / batched, 2),
         }
     codec = SpeechCodec(args.codec, streaming=cfg)
-    res["reference_decode_chunk_ms"] = round(1e3 * best_of(lambda: codec.decode_chunk(four[0]), args.repeats), 2)
+    res["reference_decode_chunk_ms"] = round(1e3 * best_time(lambda: codec.decode_chunk(four[0]), args.repeats), 2)
     res["window_ratio_torch_over_ort"] = round(res["torch"]["window_ms"] / res["onnxruntime"]["window_ms"], 2)
     res["encoder_ratio_torch_over_ort"] = round(res["torch"]["encoder_rtf"] / res["onnxruntime"]["encoder_rtf"], 2)
 
