@@ -12,7 +12,6 @@ exchange's history rows.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -23,7 +22,7 @@ import torch
 
 from ..codec.config import StreamingConfig
 from ..codec.streaming import DecodeWindow, ready_windows
-from ..llm.generate import ContextLengthError, SamplingParams, SequenceState, Step
+from ..llm.generate import SamplingParams, SequenceState, Step, check_context
 from ..llm.prompt import Modality, PromptBuilder, Turn
 from .base import LLMRuntime
 
@@ -88,18 +87,14 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.steps = itertools.count()  # batched decode steps run (for tests and metrics)
-        self.max_batch_seen = 0
+        self.max_batch_seen = 0  # largest decode batch so far (tests, diagnostics)
 
     # --- API -----------------------------------------------------------------------------------------------
     def submit(self, req: Request, emit: Callable[[Update], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Queue a request; raises ContextLengthError / QueueFullError / ValueError before queueing."""
         prompt = self.prompts.continue_conversation(req.history, req.turn, req.output, req.system_prompt)
-        limit = self.runtime.max_context
-        if prompt.shape[0] >= limit:
-            raise ContextLengthError(f"prompt of {prompt.shape[0]} tokens does not fit the served context of "
-                                     f"{limit} tokens")
+        check_context(prompt.shape[0], self.runtime.max_context, "the served context")
         job = _Job(req, emit, is_cancelled, prompt, SequenceState(prompt, req.params, self.cfg))
         with self._cv:
             if len(self._waiting) >= self.max_queue:
@@ -158,7 +153,6 @@ class Engine:
                 for j in live:
                     self._finish(j, error=e)
             else:
-                next(self.steps)
                 self.max_batch_seen = max(self.max_batch_seen, len(live))
                 for i, j in enumerate(live):
                     self._advance(j, j.state.choose(text[i], audio[i], self._context_left(j)))
