@@ -16,6 +16,8 @@ FOLDERS = {
     "builders": "moss_speech.builders",
     "services": "moss_speech.services",
     "model_repository": "moss_speech.model_repository",
+    "contract": "moss_speech.contract",
+    "cli": "moss_speech.cli",
 }
 
 package_dir = {}

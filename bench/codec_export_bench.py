@@ -22,7 +22,7 @@ from moss_speech.builders.codec import SpeechCodec, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec
 from moss_speech.builders.export.onnx_codec import export_codec_onnx
-from moss_speech.builders.runtime.codec_runtime import CodecRuntime
+from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 
 def speechlike(seconds: float, rate: int = 16000) -> np.ndarray:

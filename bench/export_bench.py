@@ -21,8 +21,8 @@ from moss_speech.builders.export.onnx_llm import export_llm_onnx  # noqa: E402
 from moss_speech.builders.export.tensorrt import TensorRTUnavailable, build_engine, llm_profiles  # noqa: E402
 from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint  # noqa: E402
 from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402
-from moss_speech.builders.runtime.ort_llm import OrtLLMRuntime  # noqa: E402
-from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
+from moss_speech.model_repository.runtime.ort_llm import OrtLLMRuntime  # noqa: E402
+from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
 
 PROMPT, STEPS, CONTEXT = 128, 32, 512
 

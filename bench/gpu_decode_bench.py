@@ -22,7 +22,7 @@ from harness import print_table  # noqa: E402
 from moss_speech.builders.config import MossSpeechConfig, tiny_config  # noqa: E402
 from moss_speech.builders.llm.checkpoint import skip_weight_init  # noqa: E402
 from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402
-from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
+from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
 
 # Peak HBM bandwidth by device name (TB/s); pass --bandwidth-tbs for anything else.
 BANDWIDTH_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100-SXM4-80GB": 2.04}

@@ -127,7 +127,7 @@ def main() -> int:
     if not ns.demo:
         args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
         return subprocess.call([str(find_perf_analyzer()), *args], env=perf_analyzer_env())
-    from moss_speech.services.triton_server import TritonServer  # noqa: PLC0415
+    from moss_speech.model_repository.launcher import TritonServer  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         repo, data = write_demo_repo(Path(tmp))

@@ -30,7 +30,7 @@ from harness import print_table  # noqa: E402
 from moss_speech.services.api import speech_pb2 as pb  # noqa: E402
 from moss_speech.services.api import speech_pb2_grpc  # noqa: E402
 from moss_speech.services.triton_client import TritonClient, TurnInput  # noqa: E402
-from moss_speech.services.triton_server import TritonServer, free_port  # noqa: E402
+from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 
 MODELS = ["speech_encoder", "llm", "vocoder", "s2s", "t2s"]
 
@@ -197,7 +197,7 @@ def main() -> int:
         port = free_port()
         env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton_url, "MOSS_SPEECH_GRPC_PORT": str(port),
                "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_LOG_LEVEL": "WARNING"}
-        service = subprocess.Popen([sys.executable, "-m", "moss_speech.services.cli", "serve"], env=env)
+        service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env)
         try:
             asyncio.run(main_async(args, triton_url, service.pid, f"localhost:{port}"))
         finally:

@@ -29,9 +29,9 @@ from moss_speech.builders.config import ServingConfig  # noqa: E402
 from moss_speech.builders.export.build import CODEC_ARTIFACTS, LLM_ARTIFACTS, build_repository  # noqa: E402
 from moss_speech.builders.llm.generate import SamplingParams  # noqa: E402
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn  # noqa: E402
-from moss_speech.builders.runtime.factory import load_codec_runtime, load_llm_runtime  # noqa: E402
-from moss_speech.builders.runtime.scheduler import Engine, Request  # noqa: E402
-from moss_speech.services.triton_server import TritonServer  # noqa: E402
+from moss_speech.model_repository.runtime.factory import load_codec_runtime, load_llm_runtime  # noqa: E402
+from moss_speech.model_repository.runtime.scheduler import Engine, Request  # noqa: E402
+from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
 
 SAMPLE_RATE_OUT = 24000
 

@@ -188,7 +188,7 @@ class ServingConfig(BaseModel):
     cpu_threads: int = Field(1, ge=1)
 
     def streaming(self):
-        from .codec.config import StreamingConfig
+        from moss_speech.builders.codec.config import StreamingConfig
 
         return StreamingConfig(chunk_tokens=self.chunk_tokens, first_chunk_tokens=self.first_chunk_tokens,
                                lookahead_tokens=self.lookahead_tokens, context_tokens=self.context_tokens)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 
 CODEC_SUBDIR = "codec"
 
 
 def write_tiny_bundle(out: str | Path, seed: int = 0, codec: bool = True) -> MossSpeechConfig:
-    from .codec.tiny import write_tiny_codec
-    from .llm.checkpoint import write_tiny_checkpoint
+    from moss_speech.builders.codec.tiny import write_tiny_codec
+    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
 
     out = Path(out)
     cfg = write_tiny_checkpoint(out, seed=seed)

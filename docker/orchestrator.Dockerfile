@@ -16,6 +16,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY builders/ builders/
 COPY services/ services/
 COPY model_repository/ model_repository/
+COPY contract/ contract/
+COPY cli/ cli/
 COPY proto/ proto/
 # A regular (not editable) install: the image carries no source tree.
 RUN pip install . && python -c "import moss_speech.services.settings"

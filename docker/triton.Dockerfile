@@ -18,6 +18,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY builders/ builders/
 COPY services/ services/
 COPY model_repository/ model_repository/
+COPY contract/ contract/
+COPY cli/ cli/
 COPY proto/ proto/
 RUN python3 -m pip install ".[gpu]" && moss-speech --help >/dev/null
 # The Triton image's non-root user (uid 1000); the chart runs the pod as this uid.

@@ -1,6 +1,7 @@
-"""Triton model adapters and config templates.
+"""Everything about the Triton model repository, where it runs:
 
-The model repository that `moss-speech build` writes holds, per model, a config.pbtxt rendered from
-`templates/` and a one-line `model.py` that imports the adapter class from this package. The adapters only
-translate between Triton tensors and the library (`moss_speech.builders`).
+- `adapters/`: the thin Python-backend models (run inside tritonserver's Python stub);
+- `runtime/`: the LLM runtimes, the codec runtime and the continuous-batching engine they drive (inside tritonserver);
+- `templates/` + `writer.py`: the config.pbtxt templates and the writer `moss-speech build` uses (build time);
+- `launcher.py`: starts a tritonserver on a written repository (the local stack, the chart's entrypoint).
 """

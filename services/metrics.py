@@ -33,7 +33,7 @@ TRITON_PENDING_REQUEST_COUNT = "nv_inference_pending_request_count"
 TRITON_COMPUTE_INFER_DURATION_US = "nv_inference_compute_infer_duration_us"
 TRITON_GPU_UTILIZATION = "nv_gpu_utilization"
 TRITON_GPU_MEMORY_USED_BYTES = "nv_gpu_memory_used_bytes"
-from moss_speech.model_repository.common import LLM_ACTIVE_SEQUENCES  # noqa: E402  (the llm model's gauge)
+from moss_speech.model_repository.adapters.common import LLM_ACTIVE_SEQUENCES  # noqa: E402  (the llm model's gauge)
 
 TRITON_METRICS = frozenset({
     TRITON_REQUEST_SUCCESS, TRITON_REQUEST_FAILURE, TRITON_INFERENCE_COUNT, TRITON_EXEC_COUNT,

@@ -27,13 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from .api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
-from .audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
-from .logging import get_logger, new_request_id, request_id_var, setup_logging
-from .metrics import ServiceMetrics
-from .sessions import SessionBusyError, SessionLimitError, SessionNotFoundError, SessionStore, TurnLease
-from .settings import ServiceSettings
-from .triton_client import TritonCallError, TritonClient, TurnInput
+from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
+from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
+from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
+from moss_speech.services.metrics import ServiceMetrics
+from moss_speech.services.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError, SessionStore, TurnLease
+from moss_speech.services.settings import ServiceSettings
+from moss_speech.services.triton_client import TritonCallError, TritonClient, TurnInput
 
 log = get_logger("server")
 

@@ -24,7 +24,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from .logging import get_logger
+from moss_speech.services.logging import get_logger
 
 log = get_logger("triton")
 

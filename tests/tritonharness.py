@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moss_speech.services.triton_server import TritonServer, find_binary
+from moss_speech.model_repository.launcher import TritonServer, find_binary
 
 StartServer = Callable[..., TritonServer]
 

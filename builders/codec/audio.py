@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AudioLimits, PreprocessorConfig, PromptMelConfig
+from moss_speech.builders.codec.config import AudioLimits, PreprocessorConfig, PromptMelConfig
 
 AudioKind = Literal["empty", "non_finite", "too_long", "undecodable", "bad_format"]
 

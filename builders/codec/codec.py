@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioInput, PromptMel, WhisperMel, load_audio
-from .config import (
+from moss_speech.builders.codec.audio import AudioInput, PromptMel, WhisperMel, load_audio
+from moss_speech.builders.codec.config import (
     DEFAULT_VOICE_ID,
     VOICES_DIR,
     XVECTOR_DIM,
@@ -19,12 +19,12 @@ from .config import (
     PreprocessorConfig,
     StreamingConfig,
 )
-from .encoder import WhisperVQEncoder
-from .flow import FlowModel, noise_at
-from .hift import HiFTGenerator, source_noise
-from .streaming import DecodeWindow, chunk_bounds, ready_windows
-from .voices import Voice, VoiceRegistry
-from .xvector import XVectorExtractor
+from moss_speech.builders.codec.encoder import WhisperVQEncoder
+from moss_speech.builders.codec.flow import FlowModel, noise_at
+from moss_speech.builders.codec.hift import HiFTGenerator, source_noise
+from moss_speech.builders.codec.streaming import DecodeWindow, chunk_bounds, ready_windows
+from moss_speech.builders.codec.voices import Voice, VoiceRegistry
+from moss_speech.builders.codec.xvector import XVectorExtractor
 
 
 class SpeechCodec(CodecSizes):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import ENCODER_WEIGHTS_NAME, EncoderConfig
-from .weights import CheckpointError, load_into
+from moss_speech.builders.codec.config import ENCODER_WEIGHTS_NAME, EncoderConfig
+from moss_speech.builders.codec.weights import CheckpointError, load_into
 
 PREFIX = "encoder."
 

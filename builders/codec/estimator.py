@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EstimatorConfig
-from .flow_encoder import chunk_mask
+from moss_speech.builders.codec.config import EstimatorConfig
+from moss_speech.builders.codec.flow_encoder import chunk_mask
 
 
 class CausalConv1d(nn.Conv1d):

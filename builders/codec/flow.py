@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FLOW_DIR, FLOW_NOISE_FRAMES, FLOW_NOISE_SEED, FLOW_WEIGHTS_NAMES, FlowConfig
-from .estimator import CausalConditionalDecoder
-from .flow_encoder import UpsampleConformerEncoder
-from .weights import CheckpointError, load_into, read_torch_state
+from moss_speech.builders.codec.config import FLOW_DIR, FLOW_NOISE_FRAMES, FLOW_NOISE_SEED, FLOW_WEIGHTS_NAMES, FlowConfig
+from moss_speech.builders.codec.estimator import CausalConditionalDecoder
+from moss_speech.builders.codec.flow_encoder import UpsampleConformerEncoder
+from moss_speech.builders.codec.weights import CheckpointError, load_into, read_torch_state
 
 
 @lru_cache(maxsize=1)

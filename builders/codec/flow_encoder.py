@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FlowEncoderConfig
+from moss_speech.builders.codec.config import FlowEncoderConfig
 
 
 def chunk_mask(size: int | torch.Tensor, chunk: int, device: torch.device) -> torch.Tensor:

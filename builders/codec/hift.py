@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .audio import dft_basis
-from .config import FLOW_DIR, HIFT_WEIGHTS_NAME, HiftConfig
-from .weights import fold_weight_norm, load_into, read_torch_state
+from moss_speech.builders.codec.audio import dft_basis
+from moss_speech.builders.codec.config import FLOW_DIR, HIFT_WEIGHTS_NAME, HiftConfig
+from moss_speech.builders.codec.weights import fold_weight_norm, load_into, read_torch_state
 
 
 class Snake(nn.Module):

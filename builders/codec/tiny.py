@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
-from .config import (
+from moss_speech.builders.codec.config import (
     CAMPPLUS_NAME,
     DEFAULT_VOICE_ID,
     ENCODER_CONFIG_NAME,
@@ -37,10 +37,10 @@ from .config import (
     FlowYaml,
     PreprocessorConfig,
 )
-from .encoder import WhisperVQEncoder
-from .flow import FlowModel
-from .hift import HiFTGenerator
-from .xvector import write_tiny_campplus
+from moss_speech.builders.codec.encoder import WhisperVQEncoder
+from moss_speech.builders.codec.flow import FlowModel
+from moss_speech.builders.codec.hift import HiFTGenerator
+from moss_speech.builders.codec.xvector import write_tiny_campplus
 
 TINY_ENCODER = {
     "d_model": 32,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_VOICE_ID
+from moss_speech.builders.codec.config import DEFAULT_VOICE_ID
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 

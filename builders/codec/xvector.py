@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import kaldi_fbank
-from .config import CAMPPLUS_NAME, FBANK_BINS, FBANK_SAMPLE_RATE, FLOW_DIR, XVECTOR_DIM
+from moss_speech.builders.codec.audio import kaldi_fbank
+from moss_speech.builders.codec.config import CAMPPLUS_NAME, FBANK_BINS, FBANK_SAMPLE_RATE, FLOW_DIR, XVECTOR_DIM
 
 
 class XVectorExtractor:

@@ -20,9 +20,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..codec.config import EncoderConfig
-from ..config import MossSpeechConfig, ServingConfig
-from .repository import write_repository
+from moss_speech.builders.codec.config import EncoderConfig
+from moss_speech.builders.config import MossSpeechConfig, ServingConfig
+from moss_speech.model_repository.writer import write_repository
 
 MANIFEST = "manifest.json"
 # Triton treats every folder at the repository root as a model, so artifacts live inside the model folders.
@@ -106,7 +106,7 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
     graph_dtype = serving.dtype if serving.llm_runtime == "tensorrt" else "float32"
 
     def export() -> dict[str, Any]:
-        from .onnx_llm import export_llm_onnx
+        from moss_speech.builders.export.onnx_llm import export_llm_onnx
 
         info = export_llm_onnx(checkpoint, out / onnx_rel, dtype=graph_dtype)
         return {"graph": _describe(info)}
@@ -116,7 +116,7 @@ def _llm_steps(checkpoint: Path, out: Path, serving: ServingConfig, source: str)
         plan_rel = f"{LLM_ARTIFACTS}/model.plan"
 
         def engine() -> dict[str, Any]:
-            from .tensorrt import build_engine, llm_profiles
+            from moss_speech.builders.export.tensorrt import build_engine, llm_profiles
 
             profiles = llm_profiles(cfg, serving.max_slots, serving.max_context)
             info = build_engine(out / onnx_rel, out / plan_rel, profiles, precision=_precision(serving),
@@ -134,7 +134,7 @@ def _codec_steps(codec: Path, out: Path, serving: ServingConfig, source: str) ->
     rel = CODEC_ARTIFACTS
 
     def export() -> dict[str, Any]:
-        from .onnx_codec import export_codec_onnx
+        from moss_speech.builders.export.onnx_codec import export_codec_onnx
 
         infos = export_codec_onnx(codec, out / rel)
         return {"graphs": _describe(infos)}
@@ -142,7 +142,7 @@ def _codec_steps(codec: Path, out: Path, serving: ServingConfig, source: str) ->
     steps = [Step("codec.onnx", _key(source, "onnx", BUILDER_VERSION), [rel], export)]
     if serving.codec_backend == "tensorrt":
         def engines() -> dict[str, Any]:
-            from .onnx_codec import build_codec_engines
+            from moss_speech.builders.export.onnx_codec import build_codec_engines
 
             # The codec graphs are fp32 (the vocoder's numerics are the audible part); engines keep that.
             engines = build_codec_engines(codec, out / rel, precision="fp32", max_batch=serving.vocoder_max_batch,

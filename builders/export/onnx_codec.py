@@ -32,10 +32,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..codec.codec import SpeechCodec
-from ..codec.config import StreamingConfig
-from ..codec.flow import FlowModel
-from ..codec.flow_encoder import chunk_mask
+from moss_speech.builders.codec.codec import SpeechCodec
+from moss_speech.builders.codec.config import StreamingConfig
+from moss_speech.builders.codec.flow import FlowModel
+from moss_speech.builders.codec.flow_encoder import chunk_mask
 
 OPSET = 17
 MANIFEST_NAME = "codec_onnx.json"
@@ -248,7 +248,7 @@ def codec_profiles(
     `streaming` (context + chunk + lookahead tokens); the flow graphs also see the voice prompt (up to
     `max_prompt_tokens`). The encoder takes up to one 30 s segment (longer audio is segmented by the runtime).
     """
-    from ..codec.config import EncoderConfig, FlowYaml, PreprocessorConfig
+    from moss_speech.builders.codec.config import EncoderConfig, FlowYaml, PreprocessorConfig
 
     codec_dir = Path(codec_dir)
     s = streaming or StreamingConfig()
@@ -300,7 +300,7 @@ def build_codec_engines(
     """Build `<graph>.engine` next to each `<graph>.onnx` with `codec_profiles` (kwargs go there); returns
     EngineInfo by graph. The engines are what TensorRTCodecRuntime loads (datacenter TensorRT on a GPU; the
     TensorRT-RTX fallback only proves the build offline)."""
-    from .tensorrt import build_engine
+    from moss_speech.builders.export.tensorrt import build_engine
 
     artifacts_dir = Path(artifacts_dir)
     profiles = codec_profiles(codec_dir, **profile_kwargs)

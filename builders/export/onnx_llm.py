@@ -42,8 +42,8 @@ import onnx
 import torch
 from torch import nn
 
-from ..config import MossSpeechConfig
-from ..llm.model import MossSpeechForCausalLM, causal_mask, rope_tables
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.llm.model import MossSpeechForCausalLM, causal_mask, rope_tables
 
 INPUT_NAMES = ["grid", "position_ids", "attention_mask", "past_kv"]
 OUTPUT_NAMES = ["text_logits", "audio_logits", "new_kv"]

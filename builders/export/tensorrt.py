@@ -28,7 +28,7 @@ from types import ModuleType
 
 import onnx
 
-from ..config import MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 
 Shape = Sequence[int]
 Profile = Mapping[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)

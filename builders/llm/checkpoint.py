@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import MossSpeechConfig, tiny_config
-from .model import MossSpeechForCausalLM
+from moss_speech.builders.config import MossSpeechConfig, tiny_config
+from moss_speech.builders.llm.model import MossSpeechForCausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -162,7 +162,7 @@ def init_random(model: MossSpeechForCausalLM, seed: int, std: float | None = Non
 def write_tiny_checkpoint(out: str | Path, seed: int = 0, max_shard_bytes: int = 16 * 2**20,
                           **config_overrides) -> MossSpeechConfig:
     """A seeded random checkpoint in the real layout (config, shards, index, tokenizer files)."""
-    from .tokenizer import write_tiny_tokenizer
+    from moss_speech.builders.llm.tokenizer import write_tiny_tokenizer
 
     cfg = tiny_config(**config_overrides)
     # A larger std than initializer_range gives peaked logits, so the tiny model's choices are not ties.

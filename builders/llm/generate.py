@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import ENDOFTEXT_ID, STOP_TOKEN_IDS, MossSpeechConfig
-from .kv import StaticKVCache
-from .model import MossSpeechForCausalLM
+from moss_speech.builders.config import ENDOFTEXT_ID, STOP_TOKEN_IDS, MossSpeechConfig
+from moss_speech.builders.llm.kv import StaticKVCache
+from moss_speech.builders.llm.model import MossSpeechForCausalLM
 
 Mode = Literal["text", "audio"]
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MossSpeechConfig
-from .kv import ConcatKVCache, SlotView, StaticKVCache
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.llm.kv import ConcatKVCache, SlotView, StaticKVCache
 
 KVCache = ConcatKVCache | StaticKVCache | SlotView
 
@@ -150,7 +150,7 @@ class MossSpeechForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        from .checkpoint import load_model
+        from moss_speech.builders.llm.checkpoint import load_model
 
         return load_model(path, dtype=dtype, device=device)
 

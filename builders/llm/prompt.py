@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer
 
-from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, MossSpeechConfig
-from .tokenizer import load_tokenizer
+from moss_speech.builders.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, MossSpeechConfig
+from moss_speech.builders.llm.tokenizer import load_tokenizer
 
 Modality = Literal["speech", "text"]
 

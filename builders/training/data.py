@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..llm.prompt import PromptBuilder, Turn
+from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 
 IGNORE = -100
 

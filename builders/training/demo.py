@@ -26,16 +26,16 @@ import soundfile as sf
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from ..config import MossSpeechConfig
-from ..llm.checkpoint import init_random, load_model, save_checkpoint
-from ..llm.generate import SamplingParams, generate
-from ..llm.model import MossSpeechForCausalLM
-from ..llm.prompt import DEFAULT_SYSTEM_PROMPTS, PromptBuilder, Turn
-from ..llm.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE
-from .config import GROUPS, TEXT_GROUPS, StageConfig, TrainConfig, default_stages
-from .data import Sample, make_sample
-from .freeze import checksums
-from .trainer import Trainer
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.llm.checkpoint import init_random, load_model, save_checkpoint
+from moss_speech.builders.llm.generate import SamplingParams, generate
+from moss_speech.builders.llm.model import MossSpeechForCausalLM
+from moss_speech.builders.llm.prompt import DEFAULT_SYSTEM_PROMPTS, PromptBuilder, Turn
+from moss_speech.builders.llm.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE
+from moss_speech.builders.training.config import GROUPS, TEXT_GROUPS, StageConfig, TrainConfig, default_stages
+from moss_speech.builders.training.data import Sample, make_sample
+from moss_speech.builders.training.freeze import checksums
+from moss_speech.builders.training.trainer import Trainer
 
 PEOPLE = ["anna", "bruno", "carla", "dmitri", "elena", "felix", "greta", "hugo", "irene", "jonas", "kevin",
           "lara", "marco", "nina", "oscar", "paula"]
@@ -110,7 +110,7 @@ class Speaker:
     """espeak-ng -> tiny codec speech encoder -> codes, cached per (text, voice)."""
 
     def __init__(self, codec_dir: Path):
-        from ..codec.codec import SpeechCodec
+        from moss_speech.builders.codec.codec import SpeechCodec
 
         self.codec = SpeechCodec(codec_dir)
         self.cache: dict[tuple[str, tuple[int, int]], list[int]] = {}
@@ -152,8 +152,8 @@ def answers(model, builder, turns: list[Turn]) -> list[str]:
     """Greedy first answer word for each prompt: argmax of the text head at the prompt's last row, which is what
     `generate(..., SamplingParams.greedy())` emits at step 1 (checked on the first prompt). All prompts run as
     one packed forward (block-diagonal attention), which keeps evaluation cheap on a busy CPU."""
-    from .data import IGNORE, Sample, pack
-    from .trainer import packed_hidden
+    from moss_speech.builders.training.data import IGNORE, Sample, pack
+    from moss_speech.builders.training.trainer import packed_hidden
 
     prompts = [builder.build([t], "text") for t in turns]
     fake = [Sample(p, 1, 0) for p in prompts]  # no targets: only grid/positions/doc are used
@@ -199,7 +199,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     scale = 0.1 if quick else 1.0
     n = lambda steps: max(2, int(steps * scale))  # noqa: E731
 
-    from ..codec.tiny import write_tiny_codec
+    from moss_speech.builders.codec.tiny import write_tiny_codec
 
     codec_dir = out / "codec"
     if not (codec_dir / "config.json").is_file():

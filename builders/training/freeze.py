@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .config import GROUPS, StageConfig
+from moss_speech.builders.training.config import GROUPS, StageConfig
 
 
 def group_of(name: str) -> str:

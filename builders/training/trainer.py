@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..llm.checkpoint import load_model, save_checkpoint
-from ..llm.model import MossSpeechForCausalLM, rope_tables
-from .config import StageConfig, TrainConfig
-from .data import IGNORE, Batch, BatchStream, Sample
-from .freeze import make_optimizer
+from moss_speech.builders.llm.checkpoint import load_model, save_checkpoint
+from moss_speech.builders.llm.model import MossSpeechForCausalLM, rope_tables
+from moss_speech.builders.training.config import StageConfig, TrainConfig
+from moss_speech.builders.training.data import IGNORE, Batch, BatchStream, Sample
+from moss_speech.builders.training.freeze import make_optimizer
 
 STATE_NAME = "trainer_state.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt")

@@ -16,7 +16,7 @@ from importlib import import_module
 from pathlib import Path
 from types import ModuleType
 
-from .codegen import GEN_DIR, _stale, generate, proto_root
+from moss_speech.services.api.codegen import GEN_DIR, _stale, generate, proto_root
 
 
 def ensure_generated() -> None:

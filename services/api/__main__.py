@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import GEN_DIR, generate, proto_root
+from moss_speech.services.api import GEN_DIR, generate, proto_root
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -62,7 +62,7 @@ def test_repository_configs(cpu_repo):
 
 
 def test_newer_triton_options_and_gpu_profile(tiny_bundle, tmp_path):
-    from moss_speech.builders.export.repository import write_repository
+    from moss_speech.model_repository.writer import write_repository
 
     serving = ServingConfig.for_target("gpu", max_inflight_requests=16)
     write_repository(tmp_path, serving, tiny_bundle, tiny_bundle / "codec", "llm/1/artifacts/model.plan",
@@ -79,12 +79,12 @@ def test_context_beyond_the_model_is_refused(tiny_bundle, tmp_path):
 
 
 def test_cli_build_with_torch_runtimes(tiny_bundle, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "build", "--checkpoint", str(tiny_bundle),
+    out = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tiny_bundle),
                           "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path), "--llm-runtime", "torch",
                           "--codec-backend", "torch", "--quiet"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["artifacts"] == {}
     assert (tmp_path / "t2s" / "config.pbtxt").is_file()
-    bad = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "build", "--checkpoint", str(tmp_path),
+    bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tmp_path),
                           "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error: no config.json" in bad.stderr and "Traceback" not in bad.stderr

@@ -20,7 +20,7 @@ import torch
 from moss_speech.builders.codec import SpeechCodec
 from moss_speech.builders.codec.tiny import write_tiny_codec
 from moss_speech.builders.export.onnx_codec import export_codec_onnx
-from moss_speech.builders.runtime.codec_runtime import CodecRuntime
+from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 THREADS = 1  # 2 shared cores: a second spinning thread makes torch and onnxruntime many times slower
 

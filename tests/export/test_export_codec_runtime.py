@@ -13,7 +13,7 @@ import pytest
 
 from moss_speech.builders.codec import DecodeWindow, UnknownVoiceError, ready_windows
 from moss_speech.builders.codec.config import StreamingConfig
-from moss_speech.builders.runtime.codec_runtime import CodecRuntime
+from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 pytest_plugins = ["tests.export.codec_fixtures"]
 pytestmark = pytest.mark.usefixtures("codec_single_thread")

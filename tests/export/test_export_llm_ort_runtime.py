@@ -8,8 +8,8 @@ import torch
 
 from moss_speech.builders.config import tiny_config
 from moss_speech.builders.llm.generate import ContextLengthError
-from moss_speech.builders.runtime.ort_llm import OrtLLMRuntime
-from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime
+from moss_speech.model_repository.runtime.ort_llm import OrtLLMRuntime
+from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
 
 def rows(n: int, seed: int) -> torch.Tensor:

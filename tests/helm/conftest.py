@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from helm_support import KUBE_VERSIONS, VALUES_SETS, Helm
 
-from moss_speech.services.helm_tool import ensure_helm
+from tests.helm.helm_tool import ensure_helm
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def helm() -> Helm:
     try:
         binary = ensure_helm()
     except Exception as e:  # noqa: BLE001 - report how the binary could not be obtained
-        pytest.fail(f"could not obtain a helm binary via moss_speech.services.helm_tool: {e}")
+        pytest.fail(f"could not obtain a helm binary via tests.helm.helm_tool: {e}")
     return Helm(binary)
 
 

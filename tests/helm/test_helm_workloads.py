@@ -75,7 +75,7 @@ def test_triton_command_default_is_the_launcher(rendered) -> None:
 
 def test_triton_ports_match_the_launcher_defaults() -> None:
     """The chart's Triton ports are the launcher's defaults (the Triton engineer's module), when present."""
-    launcher = pytest.importorskip("moss_speech.services.triton_server")
+    launcher = pytest.importorskip("moss_speech.model_repository.launcher")
     ports = chart_values()["triton"]["ports"]
     assert (ports["http"], ports["grpc"], ports["metrics"]) == tuple(launcher.DEFAULT_PORTS)
 

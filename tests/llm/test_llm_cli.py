@@ -12,7 +12,7 @@ from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moss_speech.services.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "moss_speech.cli.main", *args], capture_output=True, text=True)
 
 
 def test_tiny_checkpoint_then_generate_matches_the_library(tmp_path):

@@ -12,13 +12,13 @@ import torch
 
 from moss_speech.builders.llm.generate import ContextLengthError, SamplingParams, SequenceState, generate
 from moss_speech.builders.llm.prompt import Turn
-from moss_speech.builders.runtime.base import NoFreeSlotError
+from moss_speech.model_repository.runtime.base import NoFreeSlotError
 
 ATOL = 1e-4  # fp32 logits
 
 
 def torch_runtime(tiny_dir, tiny_model, **kw):
-    from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime
+    from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
     return TorchLLMRuntime(tiny_model, **kw)
 
@@ -34,7 +34,7 @@ def _tiny_llm_onnx(tiny_dir: str) -> str:
 
 
 def onnxruntime_runtime(tiny_dir, tiny_model, **kw):
-    from moss_speech.builders.runtime.ort_llm import OrtLLMRuntime
+    from moss_speech.model_repository.runtime.ort_llm import OrtLLMRuntime
 
     return OrtLLMRuntime(_tiny_llm_onnx(str(tiny_dir)), tiny_model.config, **kw)
 
@@ -54,7 +54,7 @@ def _tiny_llm_engine(tiny_dir: str, max_batch: int, max_context: int) -> str:
 def tensorrt_runtime(tiny_dir, tiny_model, **kw):
     if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
         pytest.skip("needs a GPU and the tensorrt package")
-    from moss_speech.builders.runtime.trt_llm import TrtLLMRuntime
+    from moss_speech.model_repository.runtime.trt_llm import TrtLLMRuntime
 
     engine = _tiny_llm_engine(str(tiny_dir), kw.get("max_slots", 8), kw["max_context"])
     return TrtLLMRuntime(engine, tiny_model.config, **kw)

@@ -10,8 +10,8 @@ import torch
 
 from moss_speech.builders.llm.generate import ContextLengthError, SamplingParams, generate
 from moss_speech.builders.llm.prompt import Turn
-from moss_speech.builders.runtime.scheduler import Engine, Request
-from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime
+from moss_speech.model_repository.runtime.scheduler import Engine, Request
+from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
 
 class Collector:

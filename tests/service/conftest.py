@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # .../tests, for tritonharness
 from tritonharness import metric, tritonserver_available  # noqa: E402
 
-from moss_speech.services.triton_server import TritonServer, free_port  # noqa: E402
+from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 
 MODELS = ["speech_encoder", "llm", "vocoder", "s2s", "t2s"]
 # Small limits so every limit is reachable with small inputs.
@@ -89,7 +89,7 @@ class ServiceProcess:
 
     def start(self, wait_serving: bool = True) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moss_speech.services.cli", "serve"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_serving:
             self.wait_health("SERVING", timeout=60)

@@ -333,13 +333,13 @@ def test_ask_cli_streams_answer_to_wav(service, tmp_path, source):
     question = tmp_path / "q.wav"
     question.write_bytes(wav(1.0, 16000))
     src = ["--audio", str(question)] if source == "audio" else ["--text", "hello"]
-    r = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "ask", *src, "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", *src, "--out", str(out),
                         "--server", service.address, "--new-session", "--max-new-tokens", "16", "--seed", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "time to first audio" in r.stderr and "real-time factor" in r.stderr and "session:" in r.stderr
     data, rate = sf.read(out)
     assert rate == 24000 and len(data) > 0
-    bad = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "ask", "--text", "hi", "--server",
+    bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--text", "hi", "--server",
                           service.address, "--session", "missing"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr

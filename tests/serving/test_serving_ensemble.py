@@ -17,9 +17,9 @@ from moss_speech.builders.config import ServingConfig
 from moss_speech.builders.llm.generate import SamplingParams, generate
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
-from moss_speech.builders.runtime.factory import load_codec_runtime
-from moss_speech.builders.runtime.scheduler import Engine, Request
-from moss_speech.builders.runtime.torch_llm import TorchLLMRuntime
+from moss_speech.model_repository.runtime.factory import load_codec_runtime
+from moss_speech.model_repository.runtime.scheduler import Engine, Request
+from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.0}
 

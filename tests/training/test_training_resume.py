@@ -42,7 +42,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, samples,
 
 def test_trained_checkpoint_is_in_the_real_layout_and_strict_loads(tiny_dir, samples, tmp_path):
     """Via the console command, from a YAML recipe and JSONL data, as a user would run it."""
-    from moss_speech.services.cli import main
+    from moss_speech.cli.main import main
 
     speech = [{"turns": [{"role": "user", "codes": [1, 2, 3, 4]}], "answer": {"text": "hi"}},
               {"turns": [{"role": "user", "text": "hi"}], "answer": {"codes": [9, 8, 7]}}]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tritonharness import tritonserver_available, write_model
 
-from moss_speech.services.triton_server import (
+from moss_speech.model_repository.launcher import (
     TritonServer,
     TritonStartError,
     find_binary,
@@ -165,7 +165,7 @@ def test_wheel_preparation_is_idempotent() -> None:
 
 def _cli(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "moss_speech.services.cli", "triton", *args],
+        [sys.executable, "-m", "moss_speech.cli.main", "triton", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

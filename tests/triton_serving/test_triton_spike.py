@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonharness import Stream, has_outputs, is_final, metric, tritonserver_available, write_model
 
-from moss_speech.services.triton_server import TritonServer
+from moss_speech.model_repository.launcher import TritonServer
 
 TOY = Path(__file__).parent / "toy_models"
 STEP_MS = 20

@@ -1,5 +1,5 @@
 """Write a Triton model repository: config.pbtxt per model (from `model_repository/templates`) and one-line
-`model.py` shims importing the adapters of `moss_speech.model_repository`."""
+`model.py` shims importing the adapters of `moss_speech.model_repository.adapters`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jinja2
 
-from ..config import ServingConfig
+from moss_speech.builders.config import ServingConfig
 
 LLM_OUTPUTS = ["WINDOW_TOKENS", "WINDOW_META", "VOICE_ID", "TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS",
                "FINAL", "USAGE"]
@@ -15,7 +15,7 @@ PASSTHROUGH = ["TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS", "FINAL", "USAGE
 PYTHON_MODELS = ("speech_encoder", "llm", "vocoder")
 ENSEMBLES = {"s2s": True, "t2s": False}  # name -> speech in
 SHIM = """# Written by `moss-speech build`. The adapter lives in the library; this file only names it.
-from moss_speech.model_repository.{module} import TritonPythonModel  # noqa: F401
+from moss_speech.model_repository.adapters.{module} import TritonPythonModel  # noqa: F401
 """
 
 

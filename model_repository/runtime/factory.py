@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import MossSpeechConfig, ServingConfig
-from .base import LLMRuntime
+from moss_speech.builders.config import MossSpeechConfig, ServingConfig
+from moss_speech.model_repository.runtime.base import LLMRuntime
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -17,7 +17,7 @@ def load_llm_runtime(serving: ServingConfig, checkpoint_dir: str | Path, artifac
     """`artifact` is the ONNX graph (onnxruntime) or the engine (tensorrt); torch reads the checkpoint."""
     kind = serving.llm_runtime
     if kind == "torch":
-        from .torch_llm import TorchLLMRuntime
+        from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
         return TorchLLMRuntime.from_checkpoint(checkpoint_dir, dtype=DTYPES[serving.dtype], device=device,
                                                max_slots=serving.max_slots, max_context=serving.max_context)
@@ -27,21 +27,21 @@ def load_llm_runtime(serving: ServingConfig, checkpoint_dir: str | Path, artifac
     if kind == "onnxruntime":
         import onnxruntime as ort
 
-        from .ort_llm import OrtLLMRuntime
+        from moss_speech.model_repository.runtime.ort_llm import OrtLLMRuntime
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = serving.cpu_threads
         return OrtLLMRuntime(artifact, config, max_slots=serving.max_slots, max_context=serving.max_context,
                              session_options=options)
     if kind == "tensorrt":
-        from .trt_llm import TrtLLMRuntime
+        from moss_speech.model_repository.runtime.trt_llm import TrtLLMRuntime
 
         return TrtLLMRuntime(artifact, config, max_slots=serving.max_slots, max_context=serving.max_context)
     raise ValueError(f"unknown LLM runtime {kind!r}")
 
 
 def load_codec_runtime(serving: ServingConfig, codec_dir: str | Path, artifacts_dir: str | Path | None = None):
-    from .codec_runtime import CodecRuntime, TorchCodecRuntime
+    from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime, TorchCodecRuntime
 
     if artifacts_dir is None:  # nothing exported: the PyTorch modules straight from the codec directory
         return TorchCodecRuntime(codec_dir, streaming=serving.streaming())

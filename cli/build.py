@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..config import ServingConfig
-    from .build import build_repository
+    from moss_speech.builders.config import ServingConfig
+    from moss_speech.builders.export.build import build_repository
 
     overrides = {k: v for k, v in {
         "llm_runtime": args.llm_runtime, "codec_backend": args.codec_backend, "max_slots": args.max_slots,

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codec.audio import AudioInput, PromptMel, load_audio
-from ..codec.config import (
+from moss_speech.builders.codec.audio import AudioInput, PromptMel, load_audio
+from moss_speech.builders.codec.config import (
     VOICES_DIR,
     XVECTOR_DIM,
     AudioLimits,
@@ -38,11 +38,11 @@ from ..codec.config import (
     PreprocessorConfig,
     StreamingConfig,
 )
-from ..codec.flow import noise_at
-from ..codec.hift import source_noise
-from ..codec.streaming import DecodeWindow
-from ..codec.voices import Voice, VoiceRegistry
-from ..codec.xvector import XVectorExtractor
+from moss_speech.builders.codec.flow import noise_at
+from moss_speech.builders.codec.hift import source_noise
+from moss_speech.builders.codec.streaming import DecodeWindow
+from moss_speech.builders.codec.voices import Voice, VoiceRegistry
+from moss_speech.builders.codec.xvector import XVectorExtractor
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # graph name -> (input names, output names); the contract between export_codec_onnx and the runtimes
@@ -115,7 +115,7 @@ class CodecRuntime(CodecSizes):
         `limits` (all). The flow settings baked into the graphs (flow_chunk, chunk_mask) are read from the
         manifest; a `streaming` config that disagrees raises.
         """
-        from ..export.onnx_codec import read_manifest
+        from moss_speech.builders.export.onnx_codec import read_manifest
 
         manifest = read_manifest(artifacts_dir)
         streaming = streaming or StreamingConfig(chunk_mask=manifest["chunk_mask"])
@@ -278,8 +278,8 @@ class TorchCodecRuntime(CodecRuntime):
 
     def __init__(self, codec_dir: Path | str, streaming: StreamingConfig | None = None, flow_chunk: int = 0,
                  threads: int | None = None, **kwargs):
-        from ..codec.codec import SpeechCodec
-        from ..export.onnx_codec import PaddedFlowEncoder
+        from moss_speech.builders.codec.codec import SpeechCodec
+        from moss_speech.builders.export.onnx_codec import PaddedFlowEncoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -318,7 +318,7 @@ class OrtGraph:
 
 
 def _load_speaker(artifacts_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    from ..export.onnx_codec import SPEAKER_NAME
+    from moss_speech.builders.export.onnx_codec import SPEAKER_NAME
 
     with np.load(artifacts_dir / SPEAKER_NAME) as f:
         return f["weight"], f["bias"]

@@ -18,11 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_sources(cfg, builder) -> dict:
-    from .data import load_jsonl
+    from moss_speech.builders.training.data import load_jsonl
 
     encode = None
     if cfg.codec is not None:
-        from ..codec.codec import SpeechCodec
+        from moss_speech.builders.codec.codec import SpeechCodec
 
         codec = SpeechCodec(cfg.codec)
         encode = codec.encode
@@ -32,17 +32,17 @@ def build_sources(cfg, builder) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe == "demo":
-        from .demo import run_demo
+        from moss_speech.builders.training.demo import run_demo
 
         run_demo(args.out or Path("demo-train"), quick=args.quick)
         return 0
 
     import torch
 
-    from ..llm.checkpoint import load_model
-    from ..llm.prompt import PromptBuilder
-    from .config import TrainConfig
-    from .trainer import Trainer
+    from moss_speech.builders.llm.checkpoint import load_model
+    from moss_speech.builders.llm.prompt import PromptBuilder
+    from moss_speech.builders.training.config import TrainConfig
+    from moss_speech.builders.training.trainer import Trainer
 
     cfg = TrainConfig.from_file(args.config)
     if args.out is not None:

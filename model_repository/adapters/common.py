@@ -38,7 +38,7 @@ def artifact_path(args: dict[str, Any], params: dict[str, str], key: str) -> Pat
 
 def load_codec(args: dict[str, Any]):
     """The codec runtime the repository names (speech_encoder and vocoder share it) and the model parameters."""
-    from moss_speech.builders.runtime.factory import load_codec_runtime
+    from moss_speech.model_repository.runtime.factory import load_codec_runtime
 
     params = model_parameters(args)
     codec = load_codec_runtime(serving_config(params), params["codec_dir"],

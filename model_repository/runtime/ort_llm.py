@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..config import MossSpeechConfig
-from .base import LLMRuntime
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.model_repository.runtime.base import LLMRuntime
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

@@ -40,8 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from .server import serve
-    from .settings import ServiceSettings
+    from moss_speech.services.server import serve
+    from moss_speech.services.settings import ServiceSettings
 
     flags = {"triton_url": args.triton_url, "grpc_port": args.port, "metrics_port": args.metrics_port,
              "log_level": args.log_level, "log_format": args.log_format, "drain_seconds": args.drain_seconds}
@@ -78,8 +78,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile as sf
 
-    from .api import speech_pb2 as pb
-    from .api import speech_pb2_grpc
+    from moss_speech.services.api import speech_pb2 as pb
+    from moss_speech.services.api import speech_pb2_grpc
 
     if args.audio is not None and not args.audio.is_file():
         print(f"moss-speech ask: no such file {args.audio}", file=sys.stderr)

@@ -13,12 +13,12 @@ import sys
 
 # Modules that contribute subcommands, in help order. A module that is not part of this build is skipped.
 COMMAND_MODULES = (
-    "moss_speech.builders.commands",
-    "moss_speech.builders.export.commands",
-    "moss_speech.builders.training.commands",
-    "moss_speech.services.triton_server",
-    "moss_speech.services.commands",
-    "moss_speech.services.demo",
+    "moss_speech.cli.model",
+    "moss_speech.cli.build",
+    "moss_speech.cli.train",
+    "moss_speech.cli.triton",
+    "moss_speech.cli.service",
+    "moss_speech.cli.demo",
 )
 
 

@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..config import MossSpeechConfig
-from ..llm.generate import ContextLengthError, check_context
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.llm.generate import ContextLengthError, check_context
 
 __all__ = ["LLMRuntime", "NoFreeSlotError", "ContextLengthError"]
 

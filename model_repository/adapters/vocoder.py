@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.streaming import DecodeWindow
-from moss_speech.model_repository.common import error_response, load_codec, string_input
+from moss_speech.model_repository.adapters.common import error_response, load_codec, string_input
 
 PASSTHROUGH = ("TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS", "FINAL", "USAGE")
 

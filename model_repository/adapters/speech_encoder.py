@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.audio import AudioError
-from moss_speech.model_repository.common import error_response, load_codec
+from moss_speech.model_repository.adapters.common import error_response, load_codec
 
 
 class TritonPythonModel:

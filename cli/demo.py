@@ -67,7 +67,7 @@ def wait_serving(address: str, timeout: float = 120.0) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from moss_speech.builders.export.build import build_repository
-    from moss_speech.services.triton_server import TritonServer
+    from moss_speech.model_repository.launcher import TritonServer
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = os.environ | {"MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
                             "MOSS_SPEECH_METRICS_PORT": str(metrics_port)}
         with open(work / "service.log", "w") as log:
-            service = subprocess.Popen([sys.executable, "-m", "moss_speech.services.cli", "serve"], env=env,
+            service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env,
                                        stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_serving(f"127.0.0.1:{port}")
@@ -108,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"metrics http://127.0.0.1:{metrics_port}/metrics (logs in {work})")
             answer = work / "answer.wav"
             print(f"[5/5] asking over gRPC (StreamConverse), streaming the spoken answer -> {answer}")
-            rc = subprocess.run([sys.executable, "-m", "moss_speech.services.cli", "ask", "--audio", str(question),
+            rc = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--audio", str(question),
                                  "--out", str(answer), "--server", f"127.0.0.1:{port}",
                                  "--max-new-tokens", str(args.max_new_tokens)], check=False).returncode
         finally:

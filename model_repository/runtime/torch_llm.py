@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..llm.kv import StaticKVCache
-from ..llm.model import MossSpeechForCausalLM
-from .base import LLMRuntime
+from moss_speech.builders.llm.kv import StaticKVCache
+from moss_speech.builders.llm.model import MossSpeechForCausalLM
+from moss_speech.model_repository.runtime.base import LLMRuntime
 
 
 class TorchLLMRuntime(LLMRuntime):

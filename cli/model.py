@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
-    from .tiny import CODEC_SUBDIR, write_tiny_bundle
+    from moss_speech.builders.tiny import CODEC_SUBDIR, write_tiny_bundle
 
     cfg = write_tiny_bundle(args.out, seed=args.seed, codec=not args.no_codec)
     print(f"tiny LLM checkpoint ({cfg.num_shared_layers}+{cfg.num_modality_layers} layers, "
@@ -50,9 +50,9 @@ def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .llm.generate import SamplingParams, generate
-    from .llm.model import MossSpeechForCausalLM
-    from .llm.prompt import PromptBuilder, Turn
+    from moss_speech.builders.llm.generate import SamplingParams, generate
+    from moss_speech.builders.llm.model import MossSpeechForCausalLM
+    from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = MossSpeechForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import MossSpeechConfig
-from ..llm.generate import ContextLengthError, check_context
-from .base import LLMRuntime
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.llm.generate import ContextLengthError, check_context
+from moss_speech.model_repository.runtime.base import LLMRuntime
 
 _INPUTS = ("grid", "position_ids", "attention_mask", "past_kv")
 

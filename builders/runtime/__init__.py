@@ -1,1 +1,0 @@
-"""LLM runtimes behind one interface (`base.LLMRuntime`): torch (reference), onnxruntime, TensorRT."""

@@ -1,0 +1,1 @@
+"""The contract between the stages, importable without torch (pydantic + numpy only)."""
