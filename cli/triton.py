@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drop --metrics-config histogram_latencies=true (first-response latency histogram)",
     )
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--trace-otlp-url", default=None,
+                   help="OpenTelemetry tracing: OTLP/HTTP collector base URL (http://host:4318)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds after SIGTERM before SIGKILL")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then extra tritonserver arguments")
@@ -57,6 +59,7 @@ def run_cli(args: argparse.Namespace) -> int:
             load_models=args.load_model,
             histogram_latencies=args.histogram_latencies,
             log_verbose=args.log_verbose,
+            trace_otlp_url=args.trace_otlp_url,
             extra_args=extra,
             log_stream=sys.stdout,
             ready_timeout=args.ready_timeout,

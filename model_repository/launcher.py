@@ -12,7 +12,6 @@ Two ways to get a `tritonserver` binary:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import os
@@ -111,6 +110,21 @@ def find_binary(choice: str | None = None) -> ServerBinary:
     return ServerBinary(path, "explicit")
 
 
+def trace_args(otlp_url: str, service_name: str = "triton", export_delay_ms: int | None = None) -> list[str]:
+    """tritonserver flags for OpenTelemetry tracing, exported by OTLP/HTTP to `otlp_url`/v1/traces.
+
+    rate=0 traces only requests that carry a W3C `traceparent` (the service decides what is sampled);
+    Triton 2.51 then parents its request, model and compute spans on the caller's span.
+    """
+    cmd = ["--trace-config=mode=opentelemetry", "--trace-config=rate=0", "--trace-config=count=-1",
+           "--trace-config=level=TIMESTAMPS",
+           f"--trace-config=opentelemetry,url={otlp_url.rstrip('/')}/v1/traces",
+           f"--trace-config=opentelemetry,resource=service.name={service_name}"]
+    if export_delay_ms is not None:
+        cmd.append(f"--trace-config=opentelemetry,bsp_schedule_delay={export_delay_ms}")
+    return cmd
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -147,6 +161,7 @@ class TritonServer:
         ready_timeout: float = 120.0,
         stop_timeout: float = 30.0,
         host: str = "127.0.0.1",
+        trace_otlp_url: str | None = None,
     ) -> None:
         self.repo = Path(repo).resolve()
         self.http_port = http_port if http_port is not None else free_port()
@@ -163,6 +178,7 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.host = host
+        self.trace_otlp_url = trace_otlp_url  # OpenTelemetry tracing (trace_args) when set
         self.proc: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._log_lock = threading.Lock()
@@ -207,6 +223,8 @@ class TritonServer:
         cmd += [f"--load-model={m}" for m in self.load_models]
         if self.log_verbose:
             cmd.append(f"--log-verbose={self.log_verbose}")
+        if self.trace_otlp_url:
+            cmd += trace_args(self.trace_otlp_url)
         return cmd + self.extra_args
 
     # -- lifecycle ------------------------------------------------------------------------------------------

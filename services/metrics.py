@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
+from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS  # the llm model's gauges
+
 # --- orchestrator metrics (exported names) --------------------------------------------------------------
 REQUESTS_TOTAL = "moss_speech_requests_total"
 TIME_TO_FIRST_AUDIO_SECONDS = "moss_speech_time_to_first_audio_seconds"
@@ -19,11 +21,12 @@ GENERATED_TOKENS_TOTAL = "moss_speech_generated_tokens_total"
 TRITON_ERRORS_TOTAL = "moss_speech_triton_errors_total"
 SESSIONS = "moss_speech_sessions"
 CONTEXT_TRUNCATIONS_TOTAL = "moss_speech_context_truncations_total"
+TRITON_READY = "moss_speech_triton_ready"
 
 # --- Triton metrics ----------------------------------------------------------------------------------------
 # Triton's own names (documented in Triton's metrics guide; the Triton-serving tests check them against
 # a running tritonserver's /metrics), and the gauge our Python-backend llm model exports via
-# pb_utils.MetricFamily; its name is defined next to the model adapters (imported below).
+# pb_utils.MetricFamily, named in moss_speech.contract.metrics (the adapters import them from there).
 TRITON_REQUEST_SUCCESS = "nv_inference_request_success"
 TRITON_REQUEST_FAILURE = "nv_inference_request_failure"
 TRITON_INFERENCE_COUNT = "nv_inference_count"
@@ -33,12 +36,11 @@ TRITON_PENDING_REQUEST_COUNT = "nv_inference_pending_request_count"
 TRITON_COMPUTE_INFER_DURATION_US = "nv_inference_compute_infer_duration_us"
 TRITON_GPU_UTILIZATION = "nv_gpu_utilization"
 TRITON_GPU_MEMORY_USED_BYTES = "nv_gpu_memory_used_bytes"
-from moss_speech.model_repository.adapters.common import LLM_ACTIVE_SEQUENCES  # noqa: E402  (the llm model's gauge)
 
 TRITON_METRICS = frozenset({
     TRITON_REQUEST_SUCCESS, TRITON_REQUEST_FAILURE, TRITON_INFERENCE_COUNT, TRITON_EXEC_COUNT,
     TRITON_QUEUE_DURATION_US, TRITON_PENDING_REQUEST_COUNT, TRITON_COMPUTE_INFER_DURATION_US,
-    TRITON_GPU_UTILIZATION, TRITON_GPU_MEMORY_USED_BYTES, LLM_ACTIVE_SEQUENCES,
+    TRITON_GPU_UTILIZATION, TRITON_GPU_MEMORY_USED_BYTES, LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS,
 })
 
 # Label values.
@@ -78,6 +80,8 @@ class ServiceMetrics:
         self.context_truncations = Counter(_base(CONTEXT_TRUNCATIONS_TOTAL),
                                            "Turns whose history was truncated to fit max_context_tokens.",
                                            registry=r)
+        self.triton_ready = Gauge(TRITON_READY, "1 while Triton and both ensembles are ready (health loop).",
+                                  registry=r)
 
     def exposition(self) -> bytes:
         """The text format served on /metrics."""

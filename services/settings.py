@@ -95,6 +95,12 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="Log line format: one JSON object per line, or plain text.")
 
+    # --- tracing --------------------------------------------------------------------------------------
+    otlp_endpoint: str = Field(
+        "", pattern=r"^(https?://[^\s/]+(:[0-9]+)?/?)?$",
+        description="OpenTelemetry: OTLP/HTTP collector base URL (`http://host:4318`); spans go to its `/v1/traces`. "
+                    "Empty = tracing off. Needs the `tracing` extra.")
+
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:
         if self.min_new_tokens > self.max_new_tokens:

@@ -1,15 +1,16 @@
 """Flow-matching decoder (CosyVoice2 `CausalMaskedDiffWithXvec` + `CausalConditionalCFM`): tokens -> mel.
 
 Exportable pieces (no randomness inside, no data-dependent branches):
-  * `FlowModel.encode(tokens, lookahead, lookahead_mask)` -> mu [B, 80, 4T]      (the "flow encoder" graph)
+  * `PaddedFlowEncoder(flow)(tokens, lengths)` -> mu [B, 80, 4T]                 (the "flow encoder" graph)
   * `FlowModel.decoder.estimator(x, mask, mu, t, spks, cond)` -> velocity        (the "estimator" graph)
-The Euler loop with classifier-free guidance runs around the estimator (`solve`), with the starting noise
-taken from the reference's fixed buffer (seed 0, 15000 frames) at absolute mel positions.
+The Euler loop with classifier-free guidance runs around the estimator (`cfm_solve`, which takes the estimator
+as a callable so every backend runs the same loop), with the starting noise taken from the reference's fixed
+buffer (seed 0, 15000 frames) at absolute mel positions (`noise_at`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moss_speech.builders.codec.config import FLOW_DIR, FLOW_NOISE_FRAMES, FLOW_NOISE_SEED, FLOW_WEIGHTS_NAMES, FlowConfig
+from moss_speech.builders.codec.config import (
+    FLOW_DIR,
+    FLOW_NOISE_FRAMES,
+    FLOW_NOISE_SEED,
+    FLOW_WEIGHTS_NAMES,
+    CfmConfig,
+    FlowConfig,
+)
 from moss_speech.builders.codec.estimator import CausalConditionalDecoder
 from moss_speech.builders.codec.flow_encoder import UpsampleConformerEncoder
 from moss_speech.builders.codec.weights import CheckpointError, load_into, read_torch_state
@@ -67,40 +75,27 @@ class FlowModel(nn.Module):
 
     def speaker(self, xvector: torch.Tensor) -> torch.Tensor:
         """x-vector [B, 192] -> [B, 80]."""
-        return self.spk_embed_affine_layer(F.normalize(xvector, dim=1))
+        return project_speaker(xvector, self.spk_embed_affine_layer.weight, self.spk_embed_affine_layer.bias)
 
     def encode(
-        self, tokens: torch.Tensor, lookahead: torch.Tensor, lookahead_mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        lookahead: torch.Tensor | None = None,
+        lookahead_mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] (prompt + window), lookahead [B, L] with mask [B, L] (0 = end of speech) -> mu [B,
-        80, rT]."""
+        """tokens [B, T] (prompt + window), lookahead [B, L] with mask [B, L] (0 = end of speech; None: no
+        lookahead, as past a window's last token) -> mu [B, 80, rT]. `lengths` [B]: rows are right-padded to T
+        and row b's first r*lengths[b] frames equal its unpadded encoding."""
         x = self.input_embedding(tokens.clamp(min=0))
-        ctx = self.input_embedding(lookahead.clamp(min=0))
-        h = self.encoder(x, ctx, lookahead_mask.unsqueeze(-1).to(x.dtype), self.chunked)
+        ctx = mask = valid = None
+        if lookahead is not None:
+            ctx = self.input_embedding(lookahead.clamp(min=0))
+            mask = lookahead_mask.unsqueeze(-1).to(x.dtype)
+        if lengths is not None:
+            valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+        h = self.encoder(x, ctx, mask, self.chunked, valid)
         return self.encoder_proj(h).transpose(1, 2)
-
-    @torch.inference_mode()
-    def solve(
-        self, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, z: torch.Tensor
-    ) -> torch.Tensor:
-        """Euler ODE from noise z to mel with classifier-free guidance; all [1, 80, T] except spks [1, 80]."""
-        cfm = self.cfg.cfm_params
-        n = cfm.n_timesteps
-        t_span = torch.linspace(0, 1, n + 1, dtype=mu.dtype)
-        if cfm.t_scheduler == "cosine":
-            t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
-        mask = torch.ones(2, 1, mu.shape[-1], dtype=mu.dtype)
-        mu2 = torch.cat([mu, torch.zeros_like(mu)])  # second row: unconditional (mu, speaker, cond zeroed)
-        spks2 = torch.cat([spks, torch.zeros_like(spks)])
-        cond2 = torch.cat([cond, torch.zeros_like(cond)])
-        x, t = z, t_span[0]
-        w = cfm.inference_cfg_rate
-        for step in range(1, n + 1):
-            dt = t_span[step] - t
-            v = self.decoder.estimator(torch.cat([x, x]), mask, mu2, t.expand(2), spks2, cond2)
-            x = x + dt * ((1.0 + w) * v[:1] - w * v[1:])
-            t = t + dt
-        return x
 
     @classmethod
     def from_dir(cls, codec_dir: Path, cfg: FlowConfig, chunk: int = 0, chunked: bool = True) -> FlowModel:
@@ -116,3 +111,62 @@ class FlowModel(nn.Module):
         state = read_torch_state(codec_dir / FLOW_DIR / name)
         model.ignored_keys = load_into(model, state, f"{FLOW_DIR}/{name}", strict_unexpected=False)
         return model.eval()
+
+
+class PaddedFlowEncoder(nn.Module):
+    """The flow-encoder graph: tokens [B, T] (prompt + window, right-padded), lengths [B] -> mu [B, 80, rT].
+
+    A module of its own so it exports with exactly these two inputs; the attention mode (chunk-causal or full)
+    is the wrapped flow's (`FlowModel.attention`).
+    """
+
+    def __init__(self, flow: FlowModel):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.flow.encode(tokens, lengths=lengths)
+
+
+def project_speaker(xvector: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x-vector [B, 192] -> speaker embedding [B, 80]: L2-normalised, then the flow's affine layer."""
+    return F.linear(F.normalize(xvector, dim=1), weight, bias)
+
+
+def time_span(cfm: CfmConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The n_timesteps + 1 solver times in [0, 1] (cosine schedule as the reference)."""
+    t_span = torch.linspace(0, 1, cfm.n_timesteps + 1, dtype=dtype)
+    return 1 - torch.cos(t_span * 0.5 * torch.pi) if cfm.t_scheduler == "cosine" else t_span
+
+
+Estimator = Callable[..., torch.Tensor]  # (x, mask, mu, t, spks, cond) -> velocity, any backend
+
+
+def cfm_solve(
+    estimator: Estimator,
+    cfm: CfmConfig,
+    mu: torch.Tensor,
+    mask: torch.Tensor,
+    spks: torch.Tensor,
+    cond: torch.Tensor,
+    z: torch.Tensor,
+) -> torch.Tensor:
+    """Euler ODE from noise z to mel with classifier-free guidance, over a batch of right-padded rows.
+
+    mu, cond, z [B, 80, T]; mask [B, 1, T] (1 = real frame); spks [B, 80]. CFG runs as one doubled estimator
+    batch whose second half is unconditional (mu, speaker and cond zeroed), as the reference does.
+    """
+    n = mu.shape[0]
+    t_span = time_span(cfm, mu.dtype)
+    mask2 = torch.cat([mask, mask])
+    mu2 = torch.cat([mu, torch.zeros_like(mu)])
+    spks2 = torch.cat([spks, torch.zeros_like(spks)])
+    cond2 = torch.cat([cond, torch.zeros_like(cond)])
+    w = cfm.inference_cfg_rate
+    x, t = z, t_span[0]
+    for step in range(1, len(t_span)):
+        dt = t_span[step] - t
+        v = estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * n), spks2, cond2)
+        x = x + dt * ((1.0 + w) * v[:n] - w * v[n:])
+        t = t + dt
+    return x

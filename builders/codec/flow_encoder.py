@@ -153,20 +153,49 @@ class UpsampleConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
     def forward(
-        self, xs: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, chunked: bool
+        self,
+        xs: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        chunked: bool,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """xs [B, T, C] token embeddings, context [B, L, C] lookahead embeddings with mask [B, L, 1]
-        -> [B, T * stride, C]."""
+        """xs [B, T, C] token embeddings, context [B, L, C] lookahead embeddings with mask [B, L, 1] (None: the
+        end of speech, an all-zero lookahead) -> [B, T * stride, C].
+
+        `valid` [B, T] bool marks the real tokens of right-padded rows (None: every token is real). Padded
+        embeddings are zeroed, so right after a row's last token they play the same empty lookahead as the end
+        of speech, and padded keys are masked in every attention; the convolutions after the pre-lookahead
+        layer are causal, so each row equals its unpadded self on its own frames.
+        """
         chunk = self.cfg.static_chunk_size if chunked else 0
+        stride = self.cfg.upsample_stride
         x, pos = self.embed(xs)
-        ctx = self.embed.out(context) * self.embed.xscale * context_mask
-        mask = chunk_mask(x.shape[1], chunk, x.device)
+        if context is None:
+            ctx = torch.zeros_like(x[:, :1]).expand(-1, self.pre_lookahead_layer.lookahead, -1)
+        else:
+            ctx = self.embed.out(context) * self.embed.xscale * context_mask
+        if valid is not None:
+            x = x * valid.unsqueeze(-1).to(x.dtype)
+        mask = _attention_mask(x.shape[1], chunk, valid, x.device)
         x = self.pre_lookahead_layer(x, ctx)
         for layer in self.encoders:
             x = layer(x, mask, pos)
         x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)
         x, pos = self.up_embed(x)
-        mask = chunk_mask(x.shape[1], chunk * self.cfg.upsample_stride, x.device)
+        if valid is not None:
+            valid = torch.repeat_interleave(valid, stride, dim=1)
+        mask = _attention_mask(x.shape[1], chunk * stride, valid, x.device)
         for layer in self.up_encoders:
             x = layer(x, mask, pos)
         return self.after_norm(x)
+
+
+def _attention_mask(
+    size: int | torch.Tensor, chunk: int, valid: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """[T, T] chunk mask, or [B, 1, T, T] with the padded keys of each row hidden as well."""
+    mask = chunk_mask(size, chunk, device)
+    if valid is None:
+        return mask
+    return (mask[None] & valid[:, None, :]).unsqueeze(1)

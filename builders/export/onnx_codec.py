@@ -7,7 +7,8 @@ Split (and why):
   * `speech_encoder.onnx`  mel [B, 128, T] -> codes [B, ceil(T/8)] int64. Fully causal, so mels of different
     lengths batch exactly with right padding (codes past an item's own length are dropped).
   * `flow_encoder.onnx`    tokens [B, T] int64 + lengths [B] -> mu [B, 80, 4T]. Prompt + window tokens,
-    right-padded; `PaddedFlowEncoder` masks the padding so each row equals `FlowModel.encode` on its own.
+    right-padded; `PaddedFlowEncoder` (model code, `builders.codec.flow`) masks the padding so each row equals
+    `FlowModel.encode` on its own.
   * `flow_estimator.onnx`  (x, mask, mu, t, spks, cond) -> velocity. One Euler step; the 10-step CFG loop stays
     outside (as in CosyVoice2 serving) so TensorRT gets one small engine and the step count stays a setting.
   * `hift.onnx`            mel [B, 80, T], noise [B, 9, 480T] -> pcm [B, 480T]. Noise is an input (seeded by
@@ -34,13 +35,19 @@ from torch import nn
 
 from moss_speech.builders.codec.codec import SpeechCodec
 from moss_speech.builders.codec.config import StreamingConfig
-from moss_speech.builders.codec.flow import FlowModel
-from moss_speech.builders.codec.flow_encoder import chunk_mask
+from moss_speech.builders.codec.flow import PaddedFlowEncoder
+from moss_speech.builders.codec.graphs import (
+    ENGINE_SUFFIX,
+    GRAPH_IO,
+    GRAPHS,
+    MANIFEST_NAME,
+    SPEAKER_NAME,
+    read_manifest,
+)
 
+__all__ = ["GRAPHS", "MANIFEST_NAME", "SPEAKER_NAME", "build_codec_engines", "codec_profiles", "export_codec_onnx",
+           "read_manifest"]
 OPSET = 17
-MANIFEST_NAME = "codec_onnx.json"
-SPEAKER_NAME = "speaker.npz"
-GRAPHS = ("whisper_mel", "speech_encoder", "flow_encoder", "flow_estimator", "hift")
 
 
 @dataclass
@@ -54,41 +61,6 @@ class ExportInfo:
     seconds: float
     opset: int = OPSET
     extra: dict = field(default_factory=dict)
-
-
-class PaddedFlowEncoder(nn.Module):
-    """`FlowModel.encode` over right-padded rows: tokens [B, T] (prompt + window), lengths [B] -> mu [B, 80, rT].
-
-    Row b equals `flow.encode(tokens[b:b+1, :lengths[b]], zeros, zeros)` on its first r*lengths[b] frames:
-    padded embeddings are zeroed (they play the empty lookahead past the window's end) and padded keys are
-    masked in every attention; the convolutions after the pre-lookahead layer are causal.
-    """
-
-    def __init__(self, flow: FlowModel):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        flow, enc = self.flow, self.flow.encoder
-        cfg = enc.cfg
-        chunk = cfg.static_chunk_size if flow.chunked else 0
-        stride = cfg.upsample_stride
-        n = tokens.shape[1]
-        valid = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # [B, T]
-        x, pos = enc.embed(flow.input_embedding(tokens.clamp(min=0)))
-        x = x * valid.unsqueeze(-1).to(x.dtype)
-        ctx = torch.zeros_like(x[:, :1]).expand(-1, flow.cfg.pre_lookahead_len, -1)
-        mask = chunk_mask(n, chunk, x.device)[None] & valid[:, None, :]  # [B, T, T]
-        x = enc.pre_lookahead_layer(x, ctx)
-        for layer in enc.encoders:
-            x = layer(x, mask.unsqueeze(1), pos)
-        x = enc.up_layer(x.transpose(1, 2)).transpose(1, 2)
-        x, pos = enc.up_embed(x)
-        valid = torch.repeat_interleave(valid, stride, dim=1)
-        mask = chunk_mask(x.shape[1], chunk * stride, x.device)[None] & valid[:, None, :]
-        for layer in enc.up_encoders:
-            x = layer(x, mask.unsqueeze(1), pos)
-        return flow.encoder_proj(enc.after_norm(x)).transpose(1, 2)
 
 
 @dataclass
@@ -208,6 +180,8 @@ def export_codec_onnx(
     for name, spec in graph_specs(codec).items():
         if name not in graphs:
             continue
+        # the runtimes feed inputs by these names in this order (builders.codec.graphs)
+        assert (tuple(spec.inputs), tuple(spec.outputs)) == GRAPH_IO[name], name
         path = out_dir / f"{name}.onnx"
         start = time.perf_counter()
         export_graph(spec, path)
@@ -305,17 +279,10 @@ def build_codec_engines(
     artifacts_dir = Path(artifacts_dir)
     profiles = codec_profiles(codec_dir, **profile_kwargs)
     return {
-        name: build_engine(artifacts_dir / f"{name}.onnx", artifacts_dir / f"{name}.engine", profiles[name],
+        name: build_engine(artifacts_dir / f"{name}.onnx", artifacts_dir / f"{name}{ENGINE_SUFFIX}", profiles[name],
                            precision=precision, timing_cache=timing_cache)
         for name in graphs
     }
-
-
-def read_manifest(artifacts_dir: Path | str) -> dict:
-    path = Path(artifacts_dir) / MANIFEST_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{MANIFEST_NAME} not found in {artifacts_dir}: run export_codec_onnx first")
-    return json.loads(path.read_text())
 
 
 def main() -> None:

@@ -8,12 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from moss_speech.builders.config import ServingConfig
-
-# Exported by the llm model (pb_utils.MetricFamily); the chart's autoscaling reads it. Defined here, not in
-# services.metrics: the Python stub must not import prometheus_client (its ssl import fails when the stub's
-# libpython differs from the venv's interpreter, as with the pytriton wheel on a pyenv Python).
-LLM_ACTIVE_SEQUENCES = "moss_speech_llm_active_sequences"
+# The llm model's metric names live in the contract (the service reads them too, without importing adapters).
+from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS  # noqa: F401
+from moss_speech.contract.serving import ServingConfig
 
 
 def model_parameters(args: dict[str, Any]) -> dict[str, str]:
@@ -64,6 +61,10 @@ def array_input(pb_utils, request, name: str) -> np.ndarray | None:
 
 def string_tensor(pb_utils, name: str, value: str):
     return pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
+
+
+def tensors(pb_utils, arrays: dict[str, np.ndarray]) -> list:
+    return [pb_utils.Tensor(name, value) for name, value in arrays.items()]
 
 
 def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
