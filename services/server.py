@@ -27,25 +27,31 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from moss_speech.contract.audio import OUTPUT_RATE
+from moss_speech.contract.sampling import FIELDS as SAMPLING_FIELDS
+from moss_speech.contract.sampling import SamplingParams
 from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
-from moss_speech.services.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError, SessionStore, TurnLease
+from moss_speech.services.sessions import (
+    SessionBusyError,
+    SessionLimitError,
+    SessionNotFoundError,
+    SessionStore,
+    TurnLease,
+)
 from moss_speech.services.settings import ServiceSettings
 from moss_speech.services.triton_client import TritonCallError, TritonClient, TurnInput
 
 log = get_logger("server")
 
-OUTPUT_RATE = 24000  # the vocoder's AUDIO_CHUNK rate (docs/contracts.md)
 ENCODINGS = {
     speech_pb2.AUDIO_ENCODING_UNSPECIFIED: "container", speech_pb2.AUDIO_ENCODING_CONTAINER: "container",
     speech_pb2.AUDIO_ENCODING_PCM16: "pcm16", speech_pb2.AUDIO_ENCODING_FLOAT32: "float32",
 }
 OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
            speech_pb2.OUTPUT_MODALITY_TEXT: "text"}
-SAMPLING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
-                   "min_new_tokens", "seed")
 
 
 class ServiceError(Exception):
@@ -75,11 +81,11 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
-def _validate_sampling(params: dict[str, Any]) -> dict[str, Any]:
-    # Imported lazily: generate.py pulls torch, which a health probe or ListVoices does not need.
-    from moss_speech.builders.llm.generate import SamplingParams  # noqa: PLC0415
-
-    return SamplingParams(**params).model_dump(exclude_none=True)
+def sampling_from_proto(sampling: speech_pb2.Sampling, defaults: dict[str, Any]) -> SamplingParams:
+    """The one proto -> contract conversion: fields the request sets override the server's defaults.
+    Raises ValidationError (-> INVALID_ARGUMENT) naming the field out of its limits."""
+    overrides = {name: getattr(sampling, name) for name in SAMPLING_FIELDS if sampling.HasField(name)}
+    return SamplingParams(**(defaults | overrides))
 
 
 @dataclass
@@ -88,7 +94,7 @@ class TurnSpec:
 
     output: str
     voice: str
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     system_prompt: str
 
 
@@ -114,17 +120,9 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
         if self.voice_ids and voice not in self.voice_ids:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}")
-        s = self.settings
-        params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                                  "repetition_penalty": s.repetition_penalty, "max_new_tokens": s.max_new_tokens,
-                                  "min_new_tokens": s.min_new_tokens}
-        params.update({f: getattr(sampling, f) for f in SAMPLING_FIELDS if sampling.HasField(f)})
-        if params["temperature"] == 0 and not sampling.HasField("do_sample"):
-            params["do_sample"] = False  # temperature 0 means greedy (SamplingParams wants > 0)
-        if params.get("do_sample") is False and params["temperature"] <= 0:
-            params.pop("temperature")
+        params = sampling_from_proto(sampling, self.settings.sampling_defaults())
         system_prompt = system_prompt or (session.session.system_prompt if session else "")
-        return TurnSpec(OUTPUTS[output], voice, _validate_sampling(params), system_prompt)
+        return TurnSpec(OUTPUTS[output], voice, params, system_prompt)
 
     def _text(self, text: str) -> str:
         if not text.strip():
@@ -440,6 +438,7 @@ class Service:
                 else:
                     self.metrics.triton_errors.labels("not_ready").inc()
             self.triton_ready = ready
+            self.metrics.triton_ready.set(1.0 if ready else 0.0)
             await self._set_health(ready)
             self.sessions.evict_expired()
             await asyncio.sleep(self.settings.health_check_seconds)

@@ -21,6 +21,7 @@ from moss_speech.model_repository.runtime.factory import load_llm_runtime
 from moss_speech.model_repository.runtime.scheduler import Engine, QueueFullError, Request, Update
 from moss_speech.model_repository.adapters.common import (
     LLM_ACTIVE_SEQUENCES,
+    LLM_KV_SLOTS,
     array_input,
     artifact_path,
     error_response,
@@ -43,6 +44,10 @@ class TritonPythonModel:
         self.family = pb_utils.MetricFamily(name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot",
                                             kind=pb_utils.MetricFamily.GAUGE)
         self.gauge = self.family.Metric(labels={"model": "llm"})
+        self.slots_family = pb_utils.MetricFamily(name=LLM_KV_SLOTS, description="KV slots (most sequences at once)",
+                                                  kind=pb_utils.MetricFamily.GAUGE)
+        self.slots_gauge = self.slots_family.Metric(labels={"model": "llm"})
+        self.slots_gauge.set(serving.max_slots)
         self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set)
         self.engine.start()
 
