@@ -2,8 +2,9 @@
 
 Sharded safetensors (`model-0000i-of-0000n.safetensors`) + `model.safetensors.index.json`, bf16 on disk,
 the real key names. Loading is strict (one error lists every missing, unexpected or mis-shaped key) and
-never holds two copies of the weights: the model is built on the meta device and each tensor is read from
-the memory-mapped file straight into its compute dtype.
+never holds two copies of the weights: the model is built on the meta device and each tensor is read with
+plain file reads (no memory map, so no shard stays resident) straight into its parameter, cast one tensor at a
+time: fp32 compute from bf16 shards peaks at the fp32 model plus one bf16 tensor.
 """
 
 from __future__ import annotations
@@ -75,15 +76,54 @@ def check_keys(expected: dict[str, torch.Size], path: Path, weight_map: dict[str
         raise CheckpointError(f"checkpoint {path} does not match the model config:\n  " + "\n  ".join(problems))
 
 
+# safetensors dtype names -> torch dtypes (the ones checkpoints of this model use)
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_header(f) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, absolute offset of the data section) of an open file."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_into(f, offset: int, out: torch.Tensor) -> None:
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    f.seek(offset)
+    done = 0
+    while done < len(view):  # large reads can return short
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{f.name}: file ends inside a tensor (truncated shard?)")
+        done += n
+
+
+def read_tensor(f, entry: dict, data_start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into fresh memory and cast to `dtype` (None: stored)."""
+    stored = _ST_DTYPES[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    t = torch.empty(entry["shape"], dtype=stored)
+    if t.numel() * stored.itemsize != end - begin:
+        raise CheckpointError(f"{f.name}: tensor size does not match its header")
+    _read_into(f, data_start + begin, t)
+    return t if dtype is None or dtype == stored else t.to(dtype)
+
+
 def iter_tensors(path: Path, weight_map: dict[str, str], dtype: torch.dtype,
                  device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor in `dtype` on `device`), one at a time: the caller holds at most one unconverted tensor."""
     files: dict[str, list[str]] = {}
     for key, file in weight_map.items():
         files.setdefault(file, []).append(key)
     for file, keys in files.items():
-        with safe_open(path / file, framework="pt", device="cpu") as f:
+        with open(path / file, "rb") as f:
+            header, data_start = safetensors_header(f)
             for key in keys:
-                yield key, f.get_tensor(key).to(device=device, dtype=dtype)
+                yield key, read_tensor(f, header[key], data_start, dtype).to(device)
 
 
 @contextmanager
@@ -110,9 +150,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     expected = {k: v.shape for k, v in model.state_dict().items()}
     weight_map = shard_files(path)
     check_keys(expected, path, weight_map)
-    # assign=True swaps each meta parameter for the loaded tensor: no second copy is ever allocated.
-    state = dict(iter_tensors(path, weight_map, dtype, device))
-    model.load_state_dict(state, strict=True, assign=True)
+    # Each meta parameter is swapped for its loaded tensor as soon as it is read: no second copy is allocated,
+    # and a cast (bf16 shard -> fp32 compute) holds one unconverted tensor at a time.
+    for key, tensor in iter_tensors(path, weight_map, dtype, device):
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
     return model.eval()
 
 

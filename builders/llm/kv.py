@@ -4,8 +4,9 @@ Both caches implement the same three calls the attention layers and the model us
   offsets()                  -> LongTensor[B]: cache slot where each row's new tokens are written
   update(layer, k, v)        -> (keys, values) visible to this step, [B, kv_heads, S, head_dim]
   advance(n)                 after a forward of n new tokens
-`ConcatKVCache` grows by concatenation (simple; it is also the shape of the ONNX graph's past/present
-tensors). `StaticKVCache` is preallocated once and written in place, rows may have different lengths —
+`ConcatKVCache` grows by concatenation (simple). `StackedKVCache` reads one stacked past tensor and keeps only
+the new tokens' K/V: the exportable step's (`MossSpeechForCausalLM.step`, the ONNX graph's past_kv/new_kv).
+`StaticKVCache` is preallocated once and written in place, rows may have different lengths —
 what batched decode with requests joining and leaving needs.
 """
 
@@ -35,6 +36,28 @@ class ConcatKVCache:
 
     def advance(self, n: int) -> None:  # lengths are implicit in the tensors
         pass
+
+
+class StackedKVCache:
+    """Cache protocol over a stacked past [L, 2, B, kv_heads, P, head_dim]; remembers only the new K/V."""
+
+    def __init__(self, past_kv: torch.Tensor):
+        self.past = past_kv
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), self.past.shape[4], dtype=torch.long, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new[layer] = (k, v)
+        return torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
+
+    def advance(self, n: int) -> None:  # the caller writes new_kv() where it keeps its cache
+        pass
+
+    def new_kv(self, num_layers: int) -> torch.Tensor:
+        """[L, 2, B, kv_heads, T, head_dim]: the K/V every layer instance computed for the new rows."""
+        return torch.stack([torch.stack(self.new[i]) for i in range(num_layers)])
 
 
 class StaticKVCache:

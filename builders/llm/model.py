@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moss_speech.builders.config import MossSpeechConfig
-from moss_speech.builders.llm.kv import ConcatKVCache, SlotView, StaticKVCache
+from moss_speech.builders.llm.kv import ConcatKVCache, SlotView, StackedKVCache, StaticKVCache
 
-KVCache = ConcatKVCache | StaticKVCache | SlotView
+KVCache = ConcatKVCache | StaticKVCache | SlotView | StackedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -180,11 +180,37 @@ class MossSpeechForCausalLM(nn.Module):
         mask = causal_mask(offsets, t, key_len, attention_mask, x.dtype)
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 
-        h = self.model.shared_block(x, cos, sin, mask, cache)  # no final norm: raw residual feeds both tails
-        text_h = self.model.text_norm(self.model.text_block(h, cos, sin, mask, cache))
-        audio_h = self.model.audio_norm(self.model.audio_block(h, cos, sin, mask, cache))
+        text_h, audio_h = self.trunk_and_tails(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(t)
         if last_only:  # the tails needed every new position (their KV cache); the heads only the last
             text_h, audio_h = text_h[:, -1], audio_h[:, -1]
         return self.text_lm_head(text_h), self.audio_lm_head(audio_h)
+
+    def trunk_and_tails(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                        cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split model's body, shared by `forward` and `step`: embedded rows -> normed (text, audio) states."""
+        h = self.model.shared_block(x, cos, sin, mask, cache)  # no final norm: raw residual feeds both tails
+        text_h = self.model.text_norm(self.model.text_block(h, cos, sin, mask, cache))
+        audio_h = self.model.audio_norm(self.model.audio_block(h, cos, sin, mask, cache))
+        return text_h, audio_h
+
+    def step(self, grid: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+             past_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exportable step (the ONNX/TensorRT graph is exactly this; contract in builders/export/onnx_llm.py).
+
+        grid [B, T, 2], explicit positions [B, T], mask [B, P + T] and the stacked past [L, 2, B, kv, P, D] ->
+        last-position (text, audio) logits in fp32 and the K/V of the T new rows only, [L, 2, B, kv, T, D].
+        Every row's new tokens sit after its P past slots; shorter rows mask their tail. The past length is
+        a shape here, never a Python int read from data, so the step traces."""
+        t = grid.shape[1]
+        x = self.embed(grid)
+        offsets = torch.zeros_like(position_ids[:, 0]) + past_kv.shape[4]
+        # The additive mask stays fp32 so a half-precision step adds it in fp32 (no -inf from fp16 overflow).
+        mask = causal_mask(offsets, t, attention_mask.shape[1], attention_mask, torch.float32)
+        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cache = StackedKVCache(past_kv)
+        text_h, audio_h = self.trunk_and_tails(x, cos, sin, mask, cache)
+        text = self.text_lm_head(text_h[:, -1]).float()
+        audio = self.audio_lm_head(audio_h[:, -1]).float()
+        return text, audio, cache.new_kv(self.config.num_layer_instances)
