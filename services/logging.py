@@ -14,6 +14,7 @@ import uuid
 from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
+trace_id_var: ContextVar[str] = ContextVar("trace_id", default="")  # set by services.tracing when on
 
 LOGGER_NAME = "moss_speech.service"
 
@@ -31,6 +32,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "request_id": getattr(record, "request_id", "") or request_id_var.get(),
         }
+        if trace_id := trace_id_var.get():
+            entry["trace_id"] = trace_id
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

@@ -42,6 +42,7 @@ from moss_speech.services.sessions import (
     TurnLease,
 )
 from moss_speech.services.settings import ServiceSettings
+from moss_speech.services.tracing import Tracing
 from moss_speech.services.triton_client import TritonCallError, TritonClient, TurnInput
 
 log = get_logger("server")
@@ -109,6 +110,7 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
     def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: SessionStore,
                  metrics: ServiceMetrics) -> None:
         self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
+        self.tracing = Tracing.from_endpoint(settings.otlp_endpoint)  # off (no-op) when the endpoint is empty
         self.voice_ids: list[str] = []  # refreshed by the health loop; [] = Triton does not list them
 
     # --- validation ---------------------------------------------------------------------------------------
@@ -160,19 +162,23 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.001))
+        tt = self.tracing.start_turn(request_id, "s2s" if audio is not None else "t2s", started=t0)
         turn = TurnInput(request_id=request_id, history=history, output=spec.output, sampling=spec.sampling,
-                         voice=spec.voice, system_prompt=spec.system_prompt, audio=audio, text=text)
+                         voice=spec.voice, system_prompt=spec.system_prompt, audio=audio, text=text,
+                         trace_headers=tt.headers())
         out = TurnOutcome()
         audio_samples, seq = 0, 0
         t_first_audio = t_first_text = None
         try:
             async for chunk in self.triton.generate(turn, timeout):
+                tt.mark("first_token")
                 if chunk.text_delta:
                     t_first_text = t_first_text or time.perf_counter()
                     out.text.append(chunk.text_delta)
                     yield "text", chunk.text_delta
                 if chunk.audio is not None and chunk.audio.size:
                     t_first_audio = t_first_audio or time.perf_counter()
+                    tt.mark("first_audio")
                     audio_samples += chunk.audio.size
                     yield "audio", speech_pb2.AudioChunk(pcm16=to_pcm16(chunk.audio), sample_rate=OUTPUT_RATE,
                                                          sequence=seq)
@@ -204,11 +210,15 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
                         "stop_reason": out.usage.stop_reason, "ttfa_ms": round(out.timings.time_to_first_audio_ms, 1),
                         "total_ms": round(out.timings.total_ms, 1), "history_tokens": len(history),
                         "dropped_turns": dropped}})
+                    tt.done(generated_tokens=out.usage.generated_tokens, stop_reason=out.usage.stop_reason,
+                            ttfa_ms=out.timings.time_to_first_audio_ms)
                     yield "final", out
                     return
         except TritonCallError as e:
             self.metrics.triton_errors.labels(e.kind).inc()
             raise
+        finally:
+            tt.close()
 
     async def _record(self, method: str, mode: str, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method, mode, code.name).inc()
@@ -453,6 +463,7 @@ class Service:
         if self.server:
             await self.server.stop(grace)
         await self.triton.close()
+        self.servicer.tracing.shutdown()  # flush pending spans
         log.info("stopped")
 
 

@@ -24,6 +24,8 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from moss_speech.contract import tensors as T
+from moss_speech.contract.sampling import SamplingParams
 from moss_speech.services.logging import get_logger
 
 log = get_logger("triton")
@@ -41,7 +43,6 @@ CHANNEL_ARGS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-CANCEL_INPUT = "CANCEL_REQUEST_ID"
 
 # Model error messages that mean the request was bad (INVALID_ARGUMENT) or too big (RESOURCE_EXHAUSTED).
 _INVALID_HINTS = ("unknown voice", "validation error", "invalid", "must be", "sampling", "not a valid")
@@ -88,11 +89,12 @@ class TurnInput:
     request_id: str
     history: np.ndarray  # int64 [rows, 2]
     output: str  # "speech" | "text"
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     voice: str
     system_prompt: str = ""
     audio: np.ndarray | None = None  # float32 16 kHz mono -> s2s
     text: str | None = None  # -> t2s
+    trace_headers: dict[str, str] | None = None  # W3C traceparent for Triton's tracing (services.tracing)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class TurnChunk:
     usage: dict[str, Any] = field(default_factory=dict)
 
 
-def _bytes_input(name: str, value: str) -> np.ndarray:
+def _bytes_input(value: str) -> np.ndarray:
     return np.array([value.encode()], dtype=np.object_)
 
 
@@ -120,24 +122,24 @@ def _read_chunk(result: Any) -> TurnChunk:
     if not response.outputs:
         return chunk  # empty final response
     get = result.as_numpy
-    audio, seq = get("AUDIO_CHUNK"), get("AUDIO_SEQ")
+    audio, seq = get(T.AUDIO_CHUNK.name), get(T.AUDIO_SEQ.name)
     if audio is not None and audio.size:
         chunk.audio = audio.reshape(-1).astype(np.float32, copy=False)
         chunk.audio_seq = int(seq.reshape(-1)[0]) if seq is not None and seq.size else -1
-    delta = get("TEXT_DELTA")
+    delta = get(T.TEXT_DELTA.name)
     if delta is not None and delta.size:
         chunk.text_delta = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in delta.reshape(-1)).decode(
             "utf-8", errors="replace")
-    tokens, rows = get("TEXT_TOKENS"), get("ROWS")
+    tokens, rows = get(T.TEXT_TOKENS.name), get(T.ROWS.name)
     chunk.text_tokens = int(tokens.size) if tokens is not None else 0
     chunk.rows = int(rows.reshape(-1, 2).shape[0]) if rows is not None and rows.size else 0
-    turn_rows = get("TURN_ROWS")
+    turn_rows = get(T.TURN_ROWS.name)
     if turn_rows is not None and turn_rows.size:
         chunk.turn_rows = turn_rows.reshape(-1, 2).astype(np.int64)
-    final = get("FINAL")
+    final = get(T.FINAL.name)
     if final is not None and final.size and bool(final.reshape(-1)[0]):
         chunk.final = True
-    usage = get("USAGE")
+    usage = get(T.USAGE.name)
     if usage is not None and usage.size and usage.reshape(-1)[0]:
         try:
             chunk.usage = json.loads(usage.reshape(-1)[0])
@@ -147,8 +149,8 @@ def _read_chunk(result: Any) -> TurnChunk:
 
 
 class TritonClient:
-    def __init__(self, url: str, s2s_model: str = "s2s", t2s_model: str = "t2s", llm_model: str = "llm",
-                 vocoder_model: str = "vocoder") -> None:
+    def __init__(self, url: str, s2s_model: str = T.S2S.name, t2s_model: str = T.T2S.name,
+                 llm_model: str = T.LLM.name, vocoder_model: str = T.VOCODER.name) -> None:
         self.url = url
         self.s2s_model, self.t2s_model, self.llm_model, self.vocoder_model = (
             s2s_model, t2s_model, llm_model, vocoder_model)
@@ -197,23 +199,22 @@ class TritonClient:
         return self._batch[model]
 
     async def _inputs(self, turn: TurnInput, model: str) -> list[InferInput]:
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[T.Tensor, np.ndarray] = {}
         if turn.audio is not None:
-            arrays["AUDIO"] = np.ascontiguousarray(turn.audio, dtype=np.float32).reshape(-1)
+            arrays[T.AUDIO] = np.ascontiguousarray(turn.audio, dtype=np.float32).reshape(-1)
         else:
-            arrays["TEXT"] = _bytes_input("TEXT", turn.text or "")
-        arrays["HISTORY"] = np.ascontiguousarray(turn.history, dtype=np.int64).reshape(-1, 2)
-        arrays["OUTPUT_MODALITY"] = _bytes_input("OUTPUT_MODALITY", turn.output)
-        arrays["SAMPLING"] = _bytes_input("SAMPLING", json.dumps(turn.sampling))
-        arrays["VOICE"] = _bytes_input("VOICE", turn.voice)
-        arrays["SYSTEM_PROMPT"] = _bytes_input("SYSTEM_PROMPT", turn.system_prompt)
+            arrays[T.TEXT] = _bytes_input(turn.text or "")
+        arrays[T.HISTORY] = np.ascontiguousarray(turn.history, dtype=np.int64).reshape(-1, 2)
+        arrays[T.OUTPUT_MODALITY] = _bytes_input(turn.output)
+        arrays[T.SAMPLING] = _bytes_input(turn.sampling.to_json())  # the one contract -> tensor conversion
+        arrays[T.VOICE] = _bytes_input(turn.voice)
+        arrays[T.SYSTEM_PROMPT] = _bytes_input(turn.system_prompt)
         batched = await self._batched(model)
         inputs = []
-        for name, value in arrays.items():
+        for spec, value in arrays.items():
             if batched:
                 value = value[None]
-            dtype = "BYTES" if value.dtype == np.object_ else {np.float32: "FP32", np.int64: "INT64"}[value.dtype.type]
-            t = InferInput(name, list(value.shape), dtype)
+            t = InferInput(spec.name, list(value.shape), spec.wire_type)
             t.set_data_from_numpy(value)
             inputs.append(t)
         return inputs
@@ -233,7 +234,7 @@ class TritonClient:
                    "parameters": {"request_id": turn.request_id, "triton_enable_empty_final_response": True}}
             await finished.wait()  # keep our side open until the final response
 
-        stream = self._client.stream_infer(requests(), stream_timeout=timeout)
+        stream = self._client.stream_infer(requests(), stream_timeout=timeout, headers=turn.trace_headers or None)
         got_final = False
         try:
             async for result, error in stream:
@@ -262,7 +263,7 @@ class TritonClient:
         try:
             if await self._batched(self.llm_model):
                 value = value[None]
-            t = InferInput(CANCEL_INPUT, list(value.shape), "BYTES")
+            t = InferInput(T.CANCEL_REQUEST_ID.name, list(value.shape), T.CANCEL_REQUEST_ID.wire_type)
             t.set_data_from_numpy(value)
             done = asyncio.Event()
 
