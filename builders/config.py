@@ -16,12 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_NAME = "config.json"
 
-# Token ids fixed by the Qwen tokenizer and the MOSS-Speech reference generation loop.
-ENDOFTEXT_ID = 151643  # <|endoftext|>, also the left-padding id of the text channel
-IM_START_ID = 151644  # <|im_start|>
-IM_END_ID = 151645  # <|im_end|>
-STOP_TOKEN_IDS = (ENDOFTEXT_ID, IM_END_ID)
-
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a working model; the message names the field."""
@@ -53,8 +47,10 @@ class MossSpeechConfig(BaseModel):
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 36
-    bos_token_id: int = ENDOFTEXT_ID
-    eos_token_id: int = IM_END_ID
+    # Schema defaults are the real config.json's values; the code reads every id through SpecialTokens
+    # (builders/llm/tokens.py), which also consults generation_config.json and the tokenizer.
+    bos_token_id: int = 151643  # <|endoftext|> in the Qwen tokenizer
+    eos_token_id: int | list[int] = 151645  # <|im_end|>; HF configs may list several
     torch_dtype: str = "bfloat16"
 
     # --- MOSS-Speech fields -------------------------------------------------------------------------------
@@ -95,8 +91,10 @@ class MossSpeechConfig(BaseModel):
         if self.tie_word_embeddings:
             bad("tie_word_embeddings", "MOSS-Speech stores untied heads")
         for name in ("sosp_token_id", "modality_pad_token_id", "bos_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                bad(name, f"{getattr(self, name)} is outside the text vocabulary [0, {self.vocab_size})")
+            value = getattr(self, name)
+            for i in value if isinstance(value, list) else [value]:
+                if not 0 <= i < self.vocab_size:
+                    bad(name, f"{i} is outside the text vocabulary [0, {self.vocab_size})")
         for name in ("eosp_token_id", "audio_pad_token_id"):
             if not 0 <= getattr(self, name) < self.audio_vocab_size:
                 bad(name, f"{getattr(self, name)} is outside the audio vocabulary [0, {self.audio_vocab_size})")

@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--no-codec", action="store_true", help="only the LLM checkpoint")
+    tiny.add_argument("--small-vocab", action="store_true",
+                      help="a 288-token text vocabulary (special tokens from id 256) instead of the real 151,680")
     tiny.set_defaults(func=cmd_checkpoint_tiny)
 
     gen = sub.add_parser("generate", help="generate in process with the PyTorch reference runtime")
@@ -39,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
     from moss_speech.builders.tiny import CODEC_SUBDIR, write_tiny_bundle
 
-    cfg = write_tiny_bundle(args.out, seed=args.seed, codec=not args.no_codec)
+    cfg = write_tiny_bundle(args.out, seed=args.seed, codec=not args.no_codec, small_vocab=args.small_vocab)
     print(f"tiny LLM checkpoint ({cfg.num_shared_layers}+{cfg.num_modality_layers} layers, "
-          f"hidden {cfg.hidden_size}) -> {args.out}")
+          f"hidden {cfg.hidden_size}, text vocabulary {cfg.vocab_size}) -> {args.out}")
     if not args.no_codec:
         print(f"tiny codec -> {args.out / CODEC_SUBDIR}")
     return 0
@@ -56,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = MossSpeechForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
-    builder = PromptBuilder.from_dir(args.checkpoint, model.config)
+    builder = PromptBuilder.from_dir(args.checkpoint, model.config)  # every token id from the checkpoint
     if args.text is not None:
         turn = Turn("user", text=args.text)
     else:
@@ -67,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens, seed=args.seed,
     )
-    result = generate(model, [prompt], params)[0]
+    result = generate(model, [prompt], params, builder.tokens)[0]
     answer = {
         "prompt_tokens": result.prompt_tokens,
         "generated_tokens": len(result.steps),

@@ -53,3 +53,23 @@ def cpu_repo(tiny_bundle, tmp_path_factory):
     build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", out,
                      ServingConfig.for_target("cpu", max_slots=4, max_context=1024), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_small_dir(tmp_path_factory):
+    """A tiny checkpoint with a 288-token text vocabulary (special tokens from id 256; LLM only), seed 0."""
+    from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-small-llm")
+    write_tiny_checkpoint(path, seed=0, small_vocab=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_small_bundle(tmp_path_factory):
+    """`moss-speech checkpoint tiny --small-vocab` output: the small-vocabulary LLM, with the codec in ./codec."""
+    from moss_speech.builders.tiny import write_tiny_bundle
+
+    path = tmp_path_factory.mktemp("tiny-small-bundle")
+    write_tiny_bundle(path, seed=0, small_vocab=True)
+    return path

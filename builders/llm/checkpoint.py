@@ -202,18 +202,70 @@ def init_random(model: MossSpeechForCausalLM, seed: int, std: float | None = Non
     return model
 
 
-def write_tiny_checkpoint(out: str | Path, seed: int = 0, max_shard_bytes: int = 16 * 2**20,
-                          **config_overrides) -> MossSpeechConfig:
-    """A seeded random checkpoint in the real layout (config, shards, index, tokenizer files)."""
-    from moss_speech.builders.llm.tokenizer import write_tiny_tokenizer
+@torch.no_grad()
+def steer_to_stop(model: MossSpeechForCausalLM, end_id: int, eosp_id: int, dim: int = 0,
+                  level: float = 1024.0, weight: float = 64.0) -> MossSpeechForCausalLM:
+    """Make a random tiny model end its answers deterministically (test models only; nothing is trained).
 
-    cfg = tiny_config(**config_overrides)
+    Residual dimension `dim` is `level` at every position: every embedding row holds it and no layer writes it
+    (o_proj / down_proj rows zeroed). After a tail norm it dominates the normalised state with a positive sign,
+    so a head row that reads only `dim` wins the argmax: the text head's `end_id` row and the audio head's EOSP
+    row. Greedy decoding then emits EOSP at the first unmasked audio step (k = min_new_tokens) and `end_id` at
+    the first text step."""
+    m = model.model
+    m.embed_tokens.weight[:, dim] = level
+    m.audio_embed.weight[:, dim] = level
+    for block in (m.shared_block, m.text_block, m.audio_block):
+        for layer in block.layers:
+            layer.self_attn.o_proj.weight[dim] = 0.0
+            layer.mlp.down_proj.weight[dim] = 0.0
+    for norm, head, row in ((m.text_norm, model.text_lm_head, end_id), (m.audio_norm, model.audio_lm_head, eosp_id)):
+        norm.weight[dim] = 1.0
+        head.weight[:, dim] = 0.0
+        head.weight[row] = 0.0
+        head.weight[row, dim] = weight
+    return model
+
+
+SMALL_FIRST_SPECIAL_ID = 256  # small-vocabulary tiny tokenizer: the special tokens right after the byte tokens
+
+
+def write_tiny_checkpoint(out: str | Path, seed: int = 0, max_shard_bytes: int = 16 * 2**20,
+                          small_vocab: bool = False, **config_overrides) -> MossSpeechConfig:
+    """A seeded random checkpoint in the real layout (config, shards, index, tokenizer files, generation config).
+
+    `small_vocab=False`: the real 151,680-wide text vocabulary with every special token at its real id.
+    `small_vocab=True`: a 288-token text vocabulary (256 bytes, then the special tokens from id 256); config.json
+    and generation_config.json name the ids the tokenizer gives them. The audio vocabulary is the real one in
+    both (the codec's codebook fixes it)."""
+    from moss_speech.builders.llm.tokenizer import (
+        MODALITY_PAD_TOKEN,
+        QWEN_FIRST_SPECIAL_ID,
+        SOSP_TOKEN,
+        write_tiny_tokenizer,
+    )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = write_tiny_tokenizer(out, SMALL_FIRST_SPECIAL_ID if small_vocab else QWEN_FIRST_SPECIAL_ID)
+    tid = tok.token_to_id
+    fields: dict = {}
+    if small_vocab:
+        fields = dict(vocab_size=(tok.get_vocab_size() + 7) // 8 * 8, bos_token_id=tid("<|endoftext|>"),
+                      eos_token_id=tid("<|im_end|>"), sosp_token_id=tid(SOSP_TOKEN),
+                      modality_pad_token_id=tid(MODALITY_PAD_TOKEN))
+    cfg = tiny_config(**(fields | config_overrides))
     # A larger std than initializer_range gives peaked logits, so the tiny model's choices are not ties.
     model = init_random(MossSpeechForCausalLM(cfg), seed, std=0.5)
     save_checkpoint(model, out, max_shard_bytes=max_shard_bytes)
-    write_tiny_tokenizer(Path(out))
+    write_generation_config(out, cfg, stop_ids=[tid("<|endoftext|>"), tid("<|im_end|>")],
+                            pad_id=tid("<|endoftext|>"))
+    return cfg
+
+
+def write_generation_config(out: str | Path, cfg: MossSpeechConfig, stop_ids: list[int], pad_id: int) -> None:
+    """generation_config.json as Qwen3 checkpoints ship it (reference demo sampling defaults)."""
     (Path(out) / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": [151643, 151645], "do_sample": True,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": stop_ids, "pad_token_id": pad_id, "do_sample": True,
         "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1,
     }, indent=2) + "\n")
-    return cfg

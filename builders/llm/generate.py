@@ -6,7 +6,8 @@ Per sequence, step k = 1..max_new_tokens:
                        repetition penalty per channel over that channel's whole history (prompt included);
                        temperature -> top-k -> top-p; both heads sampled every step
   the new row          audio mode writes the modality pad in the text channel (so <|im_end|> cannot stop it)
-  stop                 the row's text is <|endoftext|> or <|im_end|> (the row stays in the output)
+  stop                 the row's text is a stop id (the row stays in the output)
+Every id (SOSP, EOSP, pads, stop ids) comes from the checkpoint through `SpecialTokens`.
 `SequenceState` holds all of that for one sequence, so any batching scheme (the in-process batch below, the
 Triton continuous-batching scheduler) drives the same rules.
 """
@@ -21,9 +22,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from moss_speech.builders.config import ENDOFTEXT_ID, STOP_TOKEN_IDS, MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.kv import StaticKVCache
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
+from moss_speech.builders.llm.tokens import SpecialTokens
 
 Mode = Literal["text", "audio"]
 
@@ -59,10 +61,10 @@ class Step:
     stop_reason: str | None = None  # "stop_token" | "max_new_tokens" | "context"
 
 
-def initial_mode(last_row: Sequence[int], cfg: MossSpeechConfig) -> Mode:
-    if last_row[0] == cfg.modality_pad_token_id:
+def initial_mode(last_row: Sequence[int], tokens: SpecialTokens) -> Mode:
+    if last_row[0] == tokens.modality_pad_id:
         return "audio"
-    return "text"  # an audio channel of 512 means a text row; the text rule above wins
+    return "text"  # an audio channel holding the audio pad means a text row; the text rule above wins
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -104,6 +106,7 @@ class SequenceState:
     prompt: torch.Tensor  # [L, 2]
     params: SamplingParams
     cfg: MossSpeechConfig
+    tokens: SpecialTokens | None = None  # the checkpoint's ids; None: from config.json alone
     mode: Mode = "text"
     step: int = 0
     last_row: tuple[int, int] = (0, 0)
@@ -117,8 +120,10 @@ class SequenceState:
     def __post_init__(self):
         if self.prompt.ndim != 2 or self.prompt.shape[1] != 2 or self.prompt.shape[0] == 0:
             raise ValueError(f"a prompt grid is [length >= 1, 2], got {list(self.prompt.shape)}")
+        if self.tokens is None:
+            self.tokens = SpecialTokens.from_config(self.cfg)
         self.last_row = (int(self.prompt[-1, 0]), int(self.prompt[-1, 1]))
-        self.mode = initial_mode(self.last_row, self.cfg)
+        self.mode = initial_mode(self.last_row, self.tokens)
         seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(7), "little")
         self.generator.manual_seed(seed)
         if self.params.repetition_penalty != 1.0:
@@ -130,31 +135,31 @@ class SequenceState:
     def begin_step(self) -> None:
         """Advance k and apply the mode switches that happen before the forward."""
         self.step += 1
-        if self.mode == "text" and self.last_row[0] == self.cfg.sosp_token_id:
+        if self.mode == "text" and self.last_row[0] == self.tokens.sosp_id:
             self.mode = "audio"
-        if self.mode == "audio" and self.last_row[1] == self.cfg.eosp_token_id:
+        if self.mode == "audio" and self.last_row[1] == self.tokens.eosp_id:
             self.mode = "text"
 
     def choose(self, text_logits: torch.Tensor, audio_logits: torch.Tensor, context_left: int | None = None) -> Step:
         """Pick this step's row from the last-position logits of both heads (1-D each)."""
-        cfg, p = self.cfg, self.params
+        tok, p = self.tokens, self.params
         text_logits, audio_logits = text_logits.float(), audio_logits.float().clone()
-        audio_logits[cfg.audio_code_limit:] = float("-inf")
+        audio_logits[tok.audio_code_limit:] = float("-inf")
         if self.step < p.min_new_tokens:
-            audio_logits[cfg.eosp_token_id] = float("-inf")
+            audio_logits[tok.eosp_id] = float("-inf")
         if self.text_seen is not None:
             text_logits = apply_repetition_penalty(text_logits, self.text_seen, p.repetition_penalty)
             audio_logits = apply_repetition_penalty(audio_logits, self.audio_seen, p.repetition_penalty)
         text = sample_token(text_logits, p, self.generator)
         audio = sample_token(audio_logits, p, self.generator)
         if self.mode == "audio":
-            text = cfg.modality_pad_token_id
+            text = tok.modality_pad_id
         self.last_row = (text, audio)
         self.rows.append(self.last_row)
         if self.text_seen is not None:
             self.text_seen[text] = True
             self.audio_seen[audio] = True
-        if text in STOP_TOKEN_IDS:
+        if tok.is_stop(text):
             self.finished, self.stop_reason = True, "stop_token"
         elif self.step >= p.max_new_tokens:
             self.finished, self.stop_reason = True, "max_new_tokens"
@@ -191,11 +196,13 @@ def check_context(prompt_len: int, limit: int, what: str = "the model's context"
                                  f"(at least one token must be generated)")
 
 
-def left_pad(prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L, 2] grid padded on the left (text 151643, audio 512) and the [B, L] attention mask."""
+def left_pad(prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig,
+             tokens: SpecialTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, 2] grid padded on the left (text pad, audio pad) and the [B, L] attention mask."""
+    tokens = tokens or SpecialTokens.from_config(cfg)
     length = max(p.shape[0] for p in prompts)
     grid = torch.empty(len(prompts), length, 2, dtype=torch.long)
-    grid[..., 0], grid[..., 1] = ENDOFTEXT_ID, cfg.audio_pad_token_id
+    grid[..., 0], grid[..., 1] = tokens.text_pad_id, tokens.audio_pad_id
     mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for i, p in enumerate(prompts):
         grid[i, length - p.shape[0]:] = p
@@ -205,16 +212,19 @@ def left_pad(prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig) -> tuple[to
 
 @torch.no_grad()
 def stream_generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor],
-                    params: SamplingParams | Sequence[SamplingParams]) -> Iterator[list[Step | None]]:
+                    params: SamplingParams | Sequence[SamplingParams],
+                    tokens: SpecialTokens | None = None) -> Iterator[list[Step | None]]:
     """Generate for a batch of prompt grids; yields one list per step with each sequence's new `Step`
-    (None once that sequence has finished). Left padding, per-sequence positions and one static KV cache."""
+    (None once that sequence has finished). Left padding, per-sequence positions and one static KV cache.
+    `tokens`: the checkpoint's ids (`SpecialTokens.from_dir`); None reads them from config.json alone."""
     cfg = model.config
+    tokens = tokens or SpecialTokens.from_config(cfg)
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     limit = cfg.max_position_embeddings
     for p in prompts:
         check_context(p.shape[0], limit)
-    states = [SequenceState(p.to(torch.long).cpu(), sp, cfg) for p, sp in zip(prompts, params, strict=True)]
-    grid, mask = left_pad([s.prompt for s in states], cfg)
+    states = [SequenceState(p.to(torch.long).cpu(), sp, cfg, tokens) for p, sp in zip(prompts, params, strict=True)]
+    grid, mask = left_pad([s.prompt for s in states], cfg, tokens)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     steps = min(limit - grid.shape[1], max(s.params.max_new_tokens for s in states))
@@ -243,9 +253,10 @@ def stream_generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor
 
 
 def generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor],
-             params: SamplingParams | Sequence[SamplingParams]) -> list[GenerationResult]:
+             params: SamplingParams | Sequence[SamplingParams],
+             tokens: SpecialTokens | None = None) -> list[GenerationResult]:
     per_seq: list[list[Step]] = [[] for _ in prompts]
-    for out in stream_generate(model, prompts, params):
+    for out in stream_generate(model, prompts, params, tokens):
         for i, step in enumerate(out):
             if step is not None:
                 per_seq[i].append(step)

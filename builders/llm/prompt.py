@@ -1,9 +1,9 @@
 """The 2-channel prompt grid: each row is (text token, audio token).
 
-Text rows carry the audio pad (512) in the audio channel. An audio turn of n codes is n + 2 rows:
-text channel [SOSP, pad x (n+1)], audio channel [512, codes..., EOSP]. Turns are wrapped as
-`<|im_start|>{role}\\n ... <|im_end|>\\n`; the reply prefix is `<|im_start|>assistant\\n`, plus a [SOSP, 512]
-row when the answer is spoken.
+Text rows carry the audio pad (512 in the real checkpoint) in the audio channel. An audio turn of n codes is
+n + 2 rows: text channel [SOSP, modality pad x (n+1)], audio channel [audio pad, codes..., EOSP]. Turns are wrapped
+as `<|im_start|>{role}\\n ... <|im_end|>\\n`; the reply prefix is `<|im_start|>assistant\\n`, plus a
+[SOSP, audio pad] row when the answer is spoken. Every id comes from the checkpoint (`SpecialTokens`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer
 
-from moss_speech.builders.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.tokenizer import load_tokenizer
+from moss_speech.builders.llm.tokens import SpecialTokens
 
 Modality = Literal["speech", "text"]
 
@@ -46,28 +47,34 @@ class Turn:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: Tokenizer, config: MossSpeechConfig):
+    def __init__(self, tokenizer: Tokenizer, config: MossSpeechConfig, tokens: SpecialTokens | None = None):
         self.tokenizer = tokenizer
         self.cfg = config
+        # None: chat markers from this tokenizer, stop ids from config.json (no generation_config.json at hand)
+        self.tokens = tokens or SpecialTokens.from_parts(config, tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, config: MossSpeechConfig | None = None) -> PromptBuilder:
-        return cls(load_tokenizer(path), config or MossSpeechConfig.from_dir(path))
+    def from_dir(cls, path: str | Path, config: MossSpeechConfig | None = None,
+                 tokens: SpecialTokens | None = None) -> PromptBuilder:
+        tokenizer = load_tokenizer(path)
+        config = config or MossSpeechConfig.from_dir(path)
+        return cls(tokenizer, config, tokens or SpecialTokens.from_dir(path, config, tokenizer))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def text_rows(self, ids: Sequence[int]) -> torch.Tensor:
         ids_t = torch.as_tensor(list(ids), dtype=torch.long)
-        return torch.stack([ids_t, torch.full_like(ids_t, self.cfg.audio_pad_token_id)], dim=-1)
+        return torch.stack([ids_t, torch.full_like(ids_t, self.tokens.audio_pad_id)], dim=-1)
 
     def audio_rows(self, codes: Sequence[int]) -> torch.Tensor:
+        tok = self.tokens
         codes = [int(c) for c in codes]
-        if any(not 0 <= c < self.cfg.eosp_token_id for c in codes):
-            raise ValueError(f"speech codes must be in [0, {self.cfg.eosp_token_id})")
+        if any(not 0 <= c < tok.eosp_id for c in codes):
+            raise ValueError(f"speech codes must be in [0, {tok.eosp_id})")
         n = len(codes)
-        text = [self.cfg.sosp_token_id] + [self.cfg.modality_pad_token_id] * (n + 1)
-        audio = [self.cfg.audio_pad_token_id] + codes + [self.cfg.eosp_token_id]
+        text = [tok.sosp_id] + [tok.modality_pad_id] * (n + 1)
+        audio = [tok.audio_pad_id] + codes + [tok.eosp_id]
         return torch.tensor([text, audio], dtype=torch.long).T.contiguous()
 
     def turn_rows(self, turn: Turn) -> torch.Tensor:
@@ -81,7 +88,7 @@ class PromptBuilder:
     def reply_prefix(self, output: Modality) -> torch.Tensor:
         rows = self.text_rows(self.encode("<|im_start|>assistant\n"))
         if output == "speech":
-            rows = torch.cat([rows, self.text_rows([self.cfg.sosp_token_id])])
+            rows = torch.cat([rows, self.text_rows([self.tokens.sosp_id])])
         return rows
 
     def build(self, turns: Sequence[Turn], output: Modality, system_prompt: str | None = None,
@@ -130,13 +137,13 @@ class PromptBuilder:
         """History rows of one finished exchange: the user turn, then the assistant turn (reply prefix, the
         generated rows, closed with <|im_end|> if generation stopped early, and the turn's newline)."""
         rows = [self.turn_rows(turn), self.reply_prefix(output), generated.to(torch.long)]
-        closed = generated.numel() and int(generated[-1, 0]) == IM_END_ID
+        closed = generated.numel() and int(generated[-1, 0]) == self.tokens.im_end_id
         rows.append(self.text_rows(self.encode("\n" if closed else "<|im_end|>\n")))
         return torch.cat(rows)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of generated text-channel tokens (pads, SOSP and the chat markers dropped)."""
-        skip = {self.cfg.modality_pad_token_id, self.cfg.sosp_token_id, ENDOFTEXT_ID, IM_END_ID, IM_START_ID}
+        skip = self.tokens.text_markers
         text = self.tokenizer.decode([int(i) for i in ids if int(i) not in skip], skip_special_tokens=False)
         for token, replacement in TEXT_REPLACEMENTS.items():
             text = text.replace(token, replacement)

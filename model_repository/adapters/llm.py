@@ -40,6 +40,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         serving = serving_config(params)
         runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"))
+        # Every token id (stop ids, chat markers, pads, SOSP/EOSP) from the checkpoint's files, read once here.
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
         self.family = pb_utils.MetricFamily(name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot",
                                             kind=pb_utils.MetricFamily.GAUGE)
@@ -48,7 +49,8 @@ class TritonPythonModel:
                                                   kind=pb_utils.MetricFamily.GAUGE)
         self.slots_gauge = self.slots_family.Metric(labels={"model": "llm"})
         self.slots_gauge.set(serving.max_slots)
-        self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set)
+        self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set,
+                             tokens=prompts.tokens)
         self.engine.start()
 
     def execute(self, requests):

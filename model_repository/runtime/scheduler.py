@@ -24,6 +24,7 @@ from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.streaming import DecodeWindow, ready_windows
 from moss_speech.builders.llm.generate import SamplingParams, SequenceState, Step, check_context
 from moss_speech.builders.llm.prompt import Modality, PromptBuilder, Turn
+from moss_speech.builders.llm.tokens import SpecialTokens
 from moss_speech.model_repository.runtime.base import LLMRuntime
 
 
@@ -74,9 +75,11 @@ class _Job:
 
 class Engine:
     def __init__(self, runtime: LLMRuntime, prompts: PromptBuilder, streaming: StreamingConfig | None = None,
-                 max_queue: int = 64, on_step: Callable[[int], None] | None = None):
+                 max_queue: int = 64, on_step: Callable[[int], None] | None = None,
+                 tokens: SpecialTokens | None = None):
         self.runtime = runtime
         self.prompts = prompts
+        self.tokens = tokens or prompts.tokens  # the checkpoint's ids: stop ids, SOSP/EOSP, pads
         self.streaming = streaming or StreamingConfig()
         self.max_queue = max_queue
         self.on_step = on_step  # called with the number of live sequences after every step (metrics)
@@ -95,7 +98,7 @@ class Engine:
         """Queue a request; raises ContextLengthError / QueueFullError / ValueError before queueing."""
         prompt = self.prompts.continue_conversation(req.history, req.turn, req.output, req.system_prompt)
         check_context(prompt.shape[0], self.runtime.max_context, "the served context")
-        job = _Job(req, emit, is_cancelled, prompt, SequenceState(prompt, req.params, self.cfg))
+        job = _Job(req, emit, is_cancelled, prompt, SequenceState(prompt, req.params, self.cfg, self.tokens))
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
@@ -193,11 +196,11 @@ class Engine:
         update = Update(rows=[(step.text_token, step.audio_token)])
         speech_done = False
         if step.mode == "audio":
-            if step.audio_token == self.cfg.eosp_token_id:
+            if step.audio_token == self.tokens.eosp_id:
                 speech_done = True
             else:
                 job.speech.append(step.audio_token)
-        elif step.text_token not in (self.cfg.modality_pad_token_id, self.cfg.sosp_token_id):
+        elif step.text_token not in (self.tokens.modality_pad_id, self.tokens.sosp_id):
             job.text_ids.append(step.text_token)
             text = self.prompts.decode_text(job.text_ids)
             if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moss_speech.builders.config import ENDOFTEXT_ID, IM_END_ID
 from moss_speech.builders.llm.generate import (
     SamplingParams,
     SequenceState,
@@ -16,8 +15,11 @@ from moss_speech.builders.llm.generate import (
     stream_generate,
 )
 from moss_speech.builders.llm.prompt import Turn
+from moss_speech.builders.llm.tokens import SpecialTokens
 
+# The real layout's ids (the tiny checkpoint's tokenizer and config.json carry them; the code reads them from there).
 SOSP, EOSP, MPAD, APAD = 151646, 16384, 151667, 512
+ENDOFTEXT_ID, IM_END_ID = 151643, 151645
 
 
 def forced(cfg, text: int, audio: int):
@@ -35,7 +37,7 @@ def forced(cfg, text: int, audio: int):
     ((100, APAD), "text"),
 ])
 def test_initial_mode(tiny_model, last_row, mode):
-    assert initial_mode(last_row, tiny_model.config) == mode
+    assert initial_mode(last_row, SpecialTokens.from_config(tiny_model.config)) == mode
 
 
 # (mode before, last row, mode used for the step) — both checks run, in order, before the forward.
