@@ -27,10 +27,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import print_table  # noqa: E402
 
+from moss_speech.contract.sampling import SamplingParams  # noqa: E402
+from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 from moss_speech.services.api import speech_pb2 as pb  # noqa: E402
 from moss_speech.services.api import speech_pb2_grpc  # noqa: E402
 from moss_speech.services.triton_client import TritonClient, TurnInput  # noqa: E402
-from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 
 MODELS = ["speech_encoder", "llm", "vocoder", "s2s", "t2s"]
 
@@ -60,7 +61,7 @@ def sampling(tokens: int) -> dict:
 
 async def ttfa_direct(client: TritonClient, text: str, tokens: int) -> float:
     turn = TurnInput(request_id=os.urandom(8).hex(), history=np.zeros((0, 2), np.int64),
-                     output="speech", sampling=sampling(tokens), voice="default", text=text)
+                     output="speech", sampling=SamplingParams(**sampling(tokens)), voice="default", text=text)
     t0 = time.perf_counter()
     first = None
     async for chunk in client.generate(turn, timeout=60):

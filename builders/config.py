@@ -14,11 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# ServingConfig lives in the contract (torch-free); re-exported while callers move.
+from moss_speech.contract.serving import ConfigError, ServingConfig  # noqa: F401
+
 CONFIG_NAME = "config.json"
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a working model; the message names the field."""
 
 
 class MossSpeechConfig(BaseModel):
@@ -154,50 +153,3 @@ def tiny_config(**overrides: Any) -> MossSpeechConfig:
     )
     fields.update(overrides)
     return MossSpeechConfig(**fields)
-
-
-class ServingConfig(BaseModel):
-    """How the model repository serves: one schema for the builder, the Triton models and the chart.
-
-    Written into each model's config.pbtxt parameters by the builder and read back by the model adapters.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    llm_runtime: str = Field("onnxruntime", pattern="^(torch|onnxruntime|tensorrt)$")
-    codec_backend: str = Field("onnxruntime", pattern="^(torch|onnxruntime|tensorrt)$")
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
-    max_slots: int = Field(8, ge=1, le=256)  # concurrent sequences in the LLM's KV cache (= max decode batch)
-    max_context: int = Field(4096, ge=16)  # tokens per sequence (prompt + answer)
-    max_queue: int = Field(64, ge=0)  # requests waiting for a KV slot before RESOURCE_EXHAUSTED
-    encoder_max_batch: int = Field(8, ge=1)
-    vocoder_max_batch: int = Field(8, ge=1)
-    vocoder_instances: int = Field(2, ge=1)
-    queue_delay_us: int = Field(500, ge=0)  # dynamic batching delay of encoder and vocoder (latency first)
-    # Ensembles' max_inflight_requests: only newer tritonservers know the field (2.51 rejects it).
-    max_inflight_requests: int | None = Field(None, ge=1)
-    chunk_tokens: int = Field(5, ge=1)
-    first_chunk_tokens: int = Field(5, ge=1)
-    lookahead_tokens: int = Field(3, ge=0)
-    context_tokens: int = Field(20, ge=0)
-    kind: str = Field("KIND_CPU", pattern="^KIND_(CPU|GPU)$")
-    # Intra-op threads per model instance. Every Triton Python model is its own process: with several
-    # instances on a few cores, more threads only oversubscribe (spinning OpenMP threads stall each other).
-    cpu_threads: int = Field(1, ge=1)
-
-    def streaming(self):
-        from moss_speech.builders.codec.config import StreamingConfig
-
-        return StreamingConfig(chunk_tokens=self.chunk_tokens, first_chunk_tokens=self.first_chunk_tokens,
-                               lookahead_tokens=self.lookahead_tokens, context_tokens=self.context_tokens)
-
-    @classmethod
-    def for_target(cls, target: str, **overrides: Any) -> ServingConfig:
-        """CPU: onnxruntime everywhere; GPU: TensorRT engines on KIND_GPU, bf16."""
-        if target == "cpu":
-            base: dict[str, Any] = dict(llm_runtime="onnxruntime", codec_backend="onnxruntime", kind="KIND_CPU")
-        elif target == "gpu":
-            base = dict(llm_runtime="tensorrt", codec_backend="tensorrt", kind="KIND_GPU", dtype="bfloat16")
-        else:
-            raise ConfigError(f"build target must be 'cpu' or 'gpu', got {target!r}")
-        return cls(**(base | overrides))

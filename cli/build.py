@@ -22,18 +22,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--max-inflight-requests", type=int, default=None,
                    help="ensemble max_inflight_requests (newer tritonserver only; 2.51 rejects the field)")
+    p.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="longest AUDIO the speech encoder accepts (default: the contract's MAX_AUDIO_SECONDS)")
     p.add_argument("--force", action="store_true", help="rebuild every artifact")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
+    from moss_speech.contract.serving import ServingConfig
 
     overrides = {k: v for k, v in {
         "llm_runtime": args.llm_runtime, "codec_backend": args.codec_backend, "max_slots": args.max_slots,
         "max_context": args.max_context, "dtype": args.dtype, "max_inflight_requests": args.max_inflight_requests,
+        "max_audio_seconds": args.max_audio_seconds,
     }.items() if v is not None}
     serving = ServingConfig.for_target(args.target, **overrides)
     manifest = build_repository(args.checkpoint, args.codec, args.target, args.out, serving,

@@ -25,17 +25,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--codes", help="the user's turn as comma-separated speech codes")
     gen.add_argument("--output", choices=["speech", "text"], default="speech", help="answer modality")
     gen.add_argument("--system-prompt", default=None)
-    gen.add_argument("--greedy", action="store_true")
-    gen.add_argument("--temperature", type=float, default=0.6)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--top-k", type=int, default=20)
-    gen.add_argument("--repetition-penalty", type=float, default=1.1)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--min-new-tokens", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--greedy", action="store_true", help="do_sample=false: argmax, ties to the lowest index")
+    add_sampling_flags(gen)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     gen.set_defaults(func=cmd_generate)
+
+
+# The CLI differs from the contract's defaults in one place: a fixed seed, so repeated runs print the same answer.
+CLI_DEFAULTS = {"seed": 0}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per sampling field (except do_sample: --greedy), defaults and meanings from the contract."""
+    from moss_speech.contract.sampling import FIELDS
+
+    for name, (default, _, meaning) in FIELDS.items():
+        if name == "do_sample":
+            continue
+        default = CLI_DEFAULTS.get(name, default)
+        kind = float if isinstance(default, float) else int
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
+                            help=f"{meaning} (default {default})")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from moss_speech.contract.sampling import FIELDS, SamplingParams
+    from moss_speech.contract.serving import ConfigError
+
+    values = {name: getattr(args, name) for name in FIELDS if name != "do_sample"}
+    try:
+        return SamplingParams(do_sample=not args.greedy, **{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:  # one line naming the flag, not a traceback
+        errs = "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"invalid sampling flags: {errs}") from None
 
 
 def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
@@ -52,10 +77,11 @@ def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moss_speech.builders.llm.generate import SamplingParams, generate
+    from moss_speech.builders.llm.generate import generate
     from moss_speech.builders.llm.model import MossSpeechForCausalLM
     from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 
+    params = sampling_from_args(args)  # bad flags fail before the model loads
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = MossSpeechForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
     builder = PromptBuilder.from_dir(args.checkpoint, model.config)  # every token id from the checkpoint
@@ -64,11 +90,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         turn = Turn("user", codes=[int(c) for c in args.codes.split(",") if c.strip()])
     prompt = builder.build([turn], args.output, system_prompt=args.system_prompt)
-    params = SamplingParams(
-        do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens, seed=args.seed,
-    )
     result = generate(model, [prompt], params, builder.tokens)[0]
     answer = {
         "prompt_tokens": result.prompt_tokens,

@@ -1,4 +1,4 @@
-"""Client audio in and out, on top of `builders.codec.audio.load_audio` (one decoder for the whole project).
+"""Client audio in and out, on top of `contract.audio.load_audio` (one torch-free decoder for the whole project).
 
 In: WAV/FLAC/OGG files or raw PCM16 / float32 at any rate and channel count → float32 mono 16 kHz.
 Out: float32 PCM → little-endian int16 bytes.
@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moss_speech.builders.codec.audio import AudioError, load_audio
-from moss_speech.builders.codec.config import AudioLimits
+from moss_speech.contract.audio import INPUT_RATE, AudioError, AudioLimits, load_audio
 
-INPUT_RATE = 16000  # what the `s2s` ensemble's AUDIO input expects
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
 RAW_DTYPES = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}

@@ -21,7 +21,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from moss_speech.contract import tensors as T
+from moss_speech.contract.audio import MAX_AUDIO_SECONDS
+from moss_speech.contract.sampling import sampling_field
+
 ENV_PREFIX = "MOSS_SPEECH_"
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "min_new_tokens")
 
 # Markers around the generated table in docs/deploy.md.
 DOCS_BEGIN = "<!-- BEGIN GENERATED: ServiceSettings env vars -->"
@@ -45,7 +51,9 @@ class ServiceSettings(BaseSettings):
 
     # --- request limits -------------------------------------------------------------------------------
     max_audio_seconds: float = Field(
-        60.0, gt=0, description="Longest input audio accepted in one turn, seconds.")
+        MAX_AUDIO_SECONDS, gt=0,
+        description="Longest input audio accepted in one turn, seconds (keep <= the repository's, "
+                    "`moss-speech build --max-audio-seconds`).")
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes.")
     max_text_chars: int = Field(
@@ -70,22 +78,23 @@ class ServiceSettings(BaseSettings):
 
     # --- generation defaults (a request may override) -------------------------------------------------
     default_voice: str = Field("default", min_length=1, description="Voice used when a request names none.")
-    temperature: float = Field(0.6, ge=0, description="Default sampling temperature (0 = greedy).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling mass.")
-    top_k: int = Field(20, ge=0, description="Default top-k (0 = disabled).")
-    repetition_penalty: float = Field(1.1, gt=0, description="Default repetition penalty (1 = none).")
-    max_new_tokens: int = Field(500, ge=1, description="Default cap on generated steps per turn.")
-    min_new_tokens: int = Field(
-        0, ge=0, description="Default minimum generated steps before a stop is allowed.")
+    # Defaults and limits are the contract's (moss_speech.contract.sampling).
+    temperature: float = sampling_field("temperature", "Default sampling temperature (0 = greedy).")
+    top_p: float = sampling_field("top_p", "Default nucleus sampling mass.")
+    top_k: int = sampling_field("top_k", "Default top-k (0 = disabled).")
+    repetition_penalty: float = sampling_field("repetition_penalty", "Default repetition penalty (1 = none).")
+    max_new_tokens: int = sampling_field("max_new_tokens", "Default cap on generated steps per turn.")
+    min_new_tokens: int = sampling_field(
+        "min_new_tokens", "Default minimum generated steps before a stop is allowed.")
 
     # --- Triton model names ---------------------------------------------------------------------------
-    s2s_model: str = Field("s2s", min_length=1, description="Triton ensemble for speech input.")
-    t2s_model: str = Field("t2s", min_length=1, description="Triton ensemble for text input.")
+    s2s_model: str = Field(T.S2S.name, min_length=1, description="Triton ensemble for speech input.")
+    t2s_model: str = Field(T.T2S.name, min_length=1, description="Triton ensemble for text input.")
     llm_model: str = Field(
-        "llm", min_length=1,
+        T.LLM.name, min_length=1,
         description="Triton LLM model; receives the cancel control request when a client goes away.")
     vocoder_model: str = Field(
-        "vocoder", min_length=1, description="Triton vocoder model; its `voices` config parameter lists voices.")
+        T.VOCODER.name, min_length=1, description="Triton vocoder model; its `voices` config parameter lists voices.")
     health_check_seconds: float = Field(
         1.0, gt=0, description="Interval of Triton readiness checks (grpc.health.v1 status), seconds.")
 
@@ -100,6 +109,10 @@ class ServiceSettings(BaseSettings):
         "", pattern=r"^(https?://[^\s/]+(:[0-9]+)?/?)?$",
         description="OpenTelemetry: OTLP/HTTP collector base URL (`http://host:4318`); spans go to its `/v1/traces`. "
                     "Empty = tracing off. Needs the `tracing` extra.")
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampling fields this service sets; a request's own fields override them."""
+        return {name: getattr(self, name) for name in SAMPLING_DEFAULTS}
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:

@@ -10,85 +10,20 @@ The spectral frontends are torch modules that export to ONNX: the STFT is a conv
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moss_speech.builders.codec.config import AudioLimits, PreprocessorConfig, PromptMelConfig
+from moss_speech.builders.codec.config import PreprocessorConfig, PromptMelConfig
+from moss_speech.contract.audio import AudioError, AudioLimits, load_audio  # noqa: F401
 
-AudioKind = Literal["empty", "non_finite", "too_long", "undecodable", "bad_format"]
-
-
-class AudioError(ValueError):
-    """Unusable audio. `kind` says which check failed; `too_long` is a resource limit, the rest are bad
-    input."""
-
-    def __init__(self, kind: AudioKind, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-    @property
-    def is_resource_limit(self) -> bool:
-        return self.kind == "too_long"
-
-
+# The input decoder (`load_audio`, `AudioError`) is torch-free and lives in the contract, where the service
+# uses it too; re-exported here.
 AudioInput = bytes | str | Path | np.ndarray | torch.Tensor
-
-
-def load_audio(
-    audio: AudioInput, sample_rate: int | None, target_rate: int, limits: AudioLimits | None = None
-) -> np.ndarray:
-    """Decode/convert `audio` to float32 mono at `target_rate`. `sample_rate` is required for arrays."""
-    limits = limits or AudioLimits()
-    if isinstance(audio, (bytes, bytearray, str, Path)):
-        if isinstance(audio, (bytes, bytearray)) and len(audio) > limits.max_bytes:
-            raise AudioError("too_long", f"audio file is {len(audio)} bytes, limit is {limits.max_bytes}")
-        try:
-            src = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else str(audio)
-            data, sample_rate = sf.read(src, dtype="float32", always_2d=True)
-        except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, TypeError)
-            raise AudioError("undecodable", f"cannot decode audio: {e}") from None
-    else:
-        if sample_rate is None or sample_rate <= 0:
-            raise AudioError("bad_format", f"an array needs a positive sample rate, got {sample_rate}")
-        data = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
-        if data.dtype == np.int16:
-            data = data.astype(np.float32) / 32768.0
-        elif data.dtype == np.int32:
-            data = data.astype(np.float32) / 2147483648.0
-        elif np.issubdtype(data.dtype, np.floating):
-            data = data.astype(np.float32, copy=False)
-        else:
-            raise AudioError("bad_format", f"unsupported sample type {data.dtype} (use int16 or float32)")
-        if data.ndim == 1:
-            data = data[:, None]
-        elif data.ndim == 2:
-            # [samples, channels]; accept [channels, samples] when clearly so (few rows, many columns)
-            if data.shape[0] <= 8 < data.shape[1]:
-                data = data.T
-        else:
-            raise AudioError(
-                "bad_format", f"audio must be 1-D or [samples, channels], got shape {data.shape}"
-            )
-    if data.shape[0] < limits.min_samples or data.size == 0:
-        raise AudioError("empty", "audio is empty")
-    if not np.isfinite(data).all():
-        raise AudioError("non_finite", "audio contains NaN or Inf samples")
-    seconds = data.shape[0] / sample_rate
-    if seconds > limits.max_seconds:
-        raise AudioError("too_long", f"audio is {seconds:.1f} s, limit is {limits.max_seconds:.1f} s")
-    mono = data.mean(axis=1).astype(np.float32)
-    if sample_rate != target_rate:
-        mono = soxr.resample(mono, sample_rate, target_rate, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(mono)
 
 
 # ------------------------------------------------------------------------------------------------------------

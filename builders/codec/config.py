@@ -5,7 +5,7 @@ Three files of the real `fnlp/MOSS-Speech-Codec` directory are described here:
   names)
   * `preprocessor_config.json` -> `PreprocessorConfig` (Whisper feature extractor)
   * `flow/config.yaml`         -> `FlowConfig` / `HiftConfig` / `PromptMelConfig` (CosyVoice2 hyperpyyaml)
-plus `StreamingConfig` (chunk / lookahead / context sizes) and `AudioLimits`, which are serving settings.
+`StreamingConfig` (chunk / lookahead / context sizes) and `AudioLimits` are serving settings from the contract.
 
 Unknown fields are kept (extra="allow"). Validation errors name the field.
 """
@@ -19,6 +19,10 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Serving settings the codec uses, defined once in the torch-free contract.
+from moss_speech.contract.audio import AudioLimits  # noqa: F401
+from moss_speech.contract.streaming import StreamingConfig  # noqa: F401
 
 ENCODER_CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -390,26 +394,6 @@ class FlowYaml(_Schema):
 # ------------------------------------------------------------------------------------------------------------
 # Serving settings
 # ------------------------------------------------------------------------------------------------------------
-class StreamingConfig(_Schema):
-    """How the vocoder is driven: sizes in speech tokens (80 ms each)."""
-
-    chunk_tokens: int = 5  # new tokens decoded per window (0.4 s)
-    first_chunk_tokens: int = 5  # size of the first chunk (smaller = lower first-audio latency)
-    lookahead_tokens: int = 3  # = flow pre_lookahead_len
-    context_tokens: int = 20  # left-context tokens re-decoded with every window (not returned)
-    chunk_mask: bool = True  # chunk-causal attention in the flow (the reference streaming mode)
-
-    @model_validator(mode="after")
-    def _check(self) -> StreamingConfig:
-        for name in ("chunk_tokens", "first_chunk_tokens"):
-            if getattr(self, name) <= 0:
-                _bad(name, "must be positive")
-        for name in ("lookahead_tokens", "context_tokens"):
-            if getattr(self, name) < 0:
-                _bad(name, "must be >= 0")
-        return self
-
-
 class CodecSizes:
     """Rates and sizes derived from the codec's configs, for classes that hold `flow_yaml`, `pre_cfg` and
     `encoder_cfg` (the PyTorch codec and the serving runtimes)."""
@@ -435,12 +419,6 @@ class CodecSizes:
     def samples_per_token(self) -> int:
         """24 kHz output samples per token (1920)."""
         return self.flow_yaml.samples_per_token
-
-
-class AudioLimits(_Schema):
-    max_seconds: float = 300.0  # longest accepted input audio
-    max_bytes: int = 64 * 1024 * 1024  # largest accepted encoded file
-    min_samples: int = 1
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -20,33 +20,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.kv import StaticKVCache
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.tokens import SpecialTokens
+from moss_speech.contract.sampling import SamplingParams
 
 Mode = Literal["text", "audio"]
-
-
-class SamplingParams(BaseModel):
-    """Defaults are the reference demo's. `do_sample=False` is greedy (ties go to the lowest index)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    do_sample: bool = True
-    temperature: float = Field(0.6, gt=0.0, le=10.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(20, ge=0)
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
-    max_new_tokens: int = Field(500, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-
-    @classmethod
-    def greedy(cls, **kw) -> SamplingParams:
-        return cls(**{"do_sample": False, "repetition_penalty": 1.0, **kw})
 
 
 @dataclass(frozen=True)

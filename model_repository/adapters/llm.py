@@ -2,7 +2,8 @@
 
 Requests only register a job and return; the engine's scheduler thread streams responses. A request whose
 only input is `CANCEL_REQUEST_ID` cancels the job with that request id (Triton 2.51 does not tell a decoupled
-step inside an ensemble that its client cancelled; see docs/contracts.md).
+step inside an ensemble that its client cancelled; see docs/contracts.md). Tensor names come from
+`moss_speech.contract.tensors`; the window travels as `moss_speech.contract.window.Window`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import torch
 import triton_python_backend_utils as pb_utils
 from pydantic import ValidationError
 
-from moss_speech.builders.llm.generate import ContextLengthError, SamplingParams
+from moss_speech.builders.llm.generate import ContextLengthError
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
-from moss_speech.model_repository.runtime.factory import load_llm_runtime
-from moss_speech.model_repository.runtime.scheduler import Engine, QueueFullError, Request, Update
+from moss_speech.contract import tensors as T
+from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS
+from moss_speech.contract.sampling import SamplingParams
+from moss_speech.contract.window import Window
 from moss_speech.model_repository.adapters.common import (
-    LLM_ACTIVE_SEQUENCES,
-    LLM_KV_SLOTS,
     array_input,
     artifact_path,
     error_response,
@@ -29,7 +30,10 @@ from moss_speech.model_repository.adapters.common import (
     serving_config,
     string_input,
     string_tensor,
+    tensors,
 )
+from moss_speech.model_repository.runtime.factory import load_llm_runtime
+from moss_speech.model_repository.runtime.scheduler import Engine, QueueFullError, Request, Update
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 NO_ROWS = np.zeros((1, 0, 2), dtype=np.int64)
@@ -44,10 +48,10 @@ class TritonPythonModel:
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
         self.family = pb_utils.MetricFamily(name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot",
                                             kind=pb_utils.MetricFamily.GAUGE)
-        self.gauge = self.family.Metric(labels={"model": "llm"})
+        self.gauge = self.family.Metric(labels={"model": T.LLM.name})
         self.slots_family = pb_utils.MetricFamily(name=LLM_KV_SLOTS, description="KV slots (most sequences at once)",
                                                   kind=pb_utils.MetricFamily.GAUGE)
-        self.slots_gauge = self.slots_family.Metric(labels={"model": "llm"})
+        self.slots_gauge = self.slots_family.Metric(labels={"model": T.LLM.name})
         self.slots_gauge.set(serving.max_slots)
         self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set,
                              tokens=prompts.tokens)
@@ -57,7 +61,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                cancel_id = string_input(pb_utils, request, "CANCEL_REQUEST_ID")
+                cancel_id = string_input(pb_utils, request, T.CANCEL_REQUEST_ID.name)
                 if cancel_id is not None:
                     self.engine.cancel(cancel_id)
                     sender.send(flags=FINAL)
@@ -73,10 +77,10 @@ class TritonPythonModel:
     def _request(self, request) -> Request:
         params = json.loads(request.parameters() or "{}")
         request_id = str(params.get("request_id") or request.request_id() or uuid.uuid4().hex)
-        codes = array_input(pb_utils, request, "CODES")
-        text = string_input(pb_utils, request, "TEXT")
+        codes = array_input(pb_utils, request, T.CODES.name)
+        text = string_input(pb_utils, request, T.TEXT.name)
         if (codes is None) == (text is None):
-            raise ValueError("exactly one of CODES (speech) and TEXT must be given")
+            raise ValueError(f"exactly one of {T.CODES.name} (speech) and {T.TEXT.name} must be given")
         if codes is not None:
             codes = codes.reshape(-1)
             if codes.size == 0:
@@ -86,14 +90,14 @@ class TritonPythonModel:
             if not text.strip():
                 raise ValueError("the text turn is empty")
             turn = Turn("user", text=text)
-        history = array_input(pb_utils, request, "HISTORY")
+        history = array_input(pb_utils, request, T.HISTORY.name)
         if history is not None:
             history = torch.from_numpy(np.ascontiguousarray(history.reshape(-1, 2), dtype=np.int64))
-        output = string_input(pb_utils, request, "OUTPUT_MODALITY") or "speech"
-        sampling = SamplingParams.model_validate_json(string_input(pb_utils, request, "SAMPLING") or "{}")
+        output = string_input(pb_utils, request, T.OUTPUT_MODALITY.name) or "speech"
+        sampling = SamplingParams.from_json(string_input(pb_utils, request, T.SAMPLING.name))
         return Request(request_id, turn, output, history, sampling,
-                       voice_id=string_input(pb_utils, request, "VOICE") or "default",
-                       system_prompt=string_input(pb_utils, request, "SYSTEM_PROMPT") or None)
+                       voice_id=string_input(pb_utils, request, T.VOICE.name) or "default",
+                       system_prompt=string_input(pb_utils, request, T.SYSTEM_PROMPT.name) or None)
 
     def finalize(self):
         self.engine.stop()
@@ -115,28 +119,27 @@ class Responder:
         windows = update.windows or [None]
         for i, window in enumerate(windows):
             first, last = i == 0, i == len(windows) - 1
-            tensors = self._window(window) + [
-                pb_utils.Tensor("TEXT_TOKENS", np.array([update.text_tokens if first else []], dtype=np.int64)),
-                string_tensor(pb_utils, "TEXT_DELTA", update.text_delta if first else ""),
-                pb_utils.Tensor("ROWS", np.array([update.rows], dtype=np.int64).reshape(1, -1, 2) if first
+            outputs = tensors(pb_utils, self._window(window).to_tensors()) + [
+                pb_utils.Tensor(T.TEXT_TOKENS.name, np.array([update.text_tokens if first else []], dtype=np.int64)),
+                string_tensor(pb_utils, T.TEXT_DELTA.name, update.text_delta if first else ""),
+                pb_utils.Tensor(T.ROWS.name, np.array([update.rows], dtype=np.int64).reshape(1, -1, 2) if first
                                 else NO_ROWS),
-                pb_utils.Tensor("TURN_ROWS", update.turn_rows.numpy()[None] if last and update.turn_rows is not None
-                                else NO_ROWS),
-                pb_utils.Tensor("FINAL", np.array([[update.final and last]], dtype=np.bool_)),
-                string_tensor(pb_utils, "USAGE", json.dumps(update.usage) if last and update.usage else ""),
+                pb_utils.Tensor(T.TURN_ROWS.name, update.turn_rows.numpy()[None]
+                                if last and update.turn_rows is not None else NO_ROWS),
+                pb_utils.Tensor(T.FINAL.name, np.array([[update.final and last]], dtype=np.bool_)),
+                string_tensor(pb_utils, T.USAGE.name, json.dumps(update.usage) if last and update.usage else ""),
             ]
             flags = FINAL if update.final and last else 0
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
 
-    def _window(self, window) -> list:
+    def _window(self, window) -> Window:
+        """The engine's window (or None: this response carries no speech) as the contract's Window."""
         if window is None:
-            tokens, meta = [], [0, 0, 0, 0, -1, 0, self.responses]
+            out = Window(response_index=self.responses, voice_id=self.voice_id)
         else:
-            tokens = window.tokens
-            meta = [window.n_context, window.n_chunk, window.first_position, int(window.finalize), self.chunks, 1,
-                    self.responses]
+            out = Window(n_context=window.n_context, n_chunk=window.n_chunk, first_position=window.first_position,
+                         finalize=window.finalize, chunk_index=self.chunks, has_window=True,
+                         response_index=self.responses, tokens=tuple(window.tokens), voice_id=self.voice_id)
             self.chunks += 1
         self.responses += 1
-        return [pb_utils.Tensor("WINDOW_TOKENS", np.array([tokens], dtype=np.int64).reshape(1, -1)),
-                pb_utils.Tensor("WINDOW_META", np.array([meta], dtype=np.int64)),
-                string_tensor(pb_utils, "VOICE_ID", self.voice_id)]
+        return out

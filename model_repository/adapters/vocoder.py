@@ -6,9 +6,18 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.streaming import DecodeWindow
+from moss_speech.contract import tensors as T
+from moss_speech.contract.window import Window
 from moss_speech.model_repository.adapters.common import error_response, load_codec, string_input
 
-PASSTHROUGH = ("TEXT_TOKENS", "TEXT_DELTA", "ROWS", "TURN_ROWS", "FINAL", "USAGE")
+
+def read_window(request) -> Window:
+    def get(name: str):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    return Window.from_tensors(get(T.WINDOW_TOKENS.name), get(T.WINDOW_META.name),
+                               string_input(pb_utils, request, T.VOICE_ID.name))
 
 
 class TritonPythonModel:
@@ -18,18 +27,17 @@ class TritonPythonModel:
         self.codec.decode_windows([DecodeWindow(tokens=[0] * 8, n_context=0, n_chunk=5, first_position=0)])
 
     def execute(self, requests):
-        windows, owners, errors = [], [], {}
+        windows, owners, errors, metas = [], [], {}, {}
         for i, request in enumerate(requests):
-            meta = pb_utils.get_input_tensor_by_name(request, "WINDOW_META").as_numpy().reshape(-1)
-            if meta[5]:  # has a window
-                tokens = pb_utils.get_input_tensor_by_name(request, "WINDOW_TOKENS").as_numpy().reshape(-1)
-                try:
-                    windows.append(DecodeWindow(tokens=tokens.tolist(), n_context=int(meta[0]), n_chunk=int(meta[1]),
-                                                first_position=int(meta[2]), finalize=bool(meta[3]),
-                                                voice_id=string_input(pb_utils, request, "VOICE_ID") or "default"))
+            try:
+                w = metas[i] = read_window(request)
+                if w.has_window:
+                    windows.append(DecodeWindow(tokens=list(w.tokens), n_context=w.n_context, n_chunk=w.n_chunk,
+                                                first_position=w.first_position, finalize=w.finalize,
+                                                voice_id=w.voice_id))
                     owners.append(i)
-                except ValueError as e:
-                    errors[i] = str(e)
+            except ValueError as e:
+                errors[i] = str(e)
         audio: dict[int, np.ndarray] = {}
         if windows:
             try:
@@ -42,13 +50,14 @@ class TritonPythonModel:
             if i in errors:
                 responses.append(error_response(pb_utils, errors[i], "INTERNAL"))
                 continue
-            meta = pb_utils.get_input_tensor_by_name(request, "WINDOW_META").as_numpy().reshape(-1)
+            w = metas[i]
             pcm = audio.get(i, np.zeros(0, dtype=np.float32)).astype(np.float32, copy=False)
-            outputs = [pb_utils.Tensor("AUDIO_CHUNK", pcm.reshape(1, -1)),
-                       pb_utils.Tensor("AUDIO_SEQ", np.array([[meta[4] if i in audio else -1]], dtype=np.int64)),
-                       pb_utils.Tensor("SEQ", np.array([[meta[6]]], dtype=np.int64))]
-            for name in PASSTHROUGH:
-                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                outputs.append(pb_utils.Tensor(f"{name}_OUT", value))
+            outputs = [pb_utils.Tensor(T.AUDIO_CHUNK.name, pcm.reshape(1, -1)),
+                       pb_utils.Tensor(T.AUDIO_SEQ.name,
+                                       np.array([[w.chunk_index if i in audio else -1]], dtype=np.int64)),
+                       pb_utils.Tensor(T.SEQ.name, np.array([[w.response_index]], dtype=np.int64))]
+            for t in T.PASSTHROUGH:
+                value = pb_utils.get_input_tensor_by_name(request, t.name).as_numpy()
+                outputs.append(pb_utils.Tensor(t.name + T.PASSTHROUGH_SUFFIX, value))
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
