@@ -148,10 +148,10 @@ class CodecPipeline(CodecSizes):
         voice = self.voices.get(voice_id)
         cond = self._conds.get(voice_id)
         if cond is None or cond.voice is not voice:
-            xvec = torch.from_numpy(np.asarray(voice.xvector, np.float32))[None]
-            spks = project_speaker(xvec, *self.speaker)[0]
-            codes = torch.from_numpy(np.asarray(voice.prompt_codes, np.int64))
-            cond = VoiceCond(voice, codes, torch.from_numpy(np.asarray(voice.prompt_mel, np.float32)), spks)
+            # copies (torch.tensor): a voice's arrays may be read-only, and the cache must not alias them
+            spks = project_speaker(torch.tensor(voice.xvector, dtype=torch.float32)[None], *self.speaker)[0]
+            codes = torch.tensor(voice.prompt_codes, dtype=torch.long)
+            cond = VoiceCond(voice, codes, torch.tensor(voice.prompt_mel, dtype=torch.float32), spks)
             with self._lock:
                 self._conds[voice_id] = cond
         return cond
@@ -164,14 +164,14 @@ class CodecPipeline(CodecSizes):
             return []
         ratio = self.flow_yaml.flow.token_mel_ratio
         conds = [self.voice_cond(w.voice_id) for w in windows]
-        seqs = [torch.cat([c.codes, torch.tensor(w.tokens, dtype=torch.long)]) for w, c in zip(windows, conds,
-                                                                                              strict=True)]
+        pairs = list(zip(windows, conds, strict=True))
+        seqs = [torch.cat([c.codes, torch.tensor(w.tokens, dtype=torch.long)]) for w, c in pairs]  # prompt + window
         lengths = torch.tensor([len(s) for s in seqs])
         mu = self.graphs["flow_encoder"](pad_sequence(seqs, batch_first=True), lengths)  # [B, 80, r * width]
         mels, frames = mu.shape[1], mu.shape[2]
         mask = (torch.arange(frames)[None, :] < ratio * lengths[:, None]).to(mu.dtype)[:, None, :]
         cond, z = torch.zeros_like(mu), torch.zeros_like(mu)
-        for b, (w, c) in enumerate(zip(windows, conds, strict=True)):
+        for b, (w, c) in enumerate(pairs):
             p = c.mel.shape[1]
             cond[b, :, :p] = c.mel
             # the prompt's frames take noise from frame 0, the window's from its absolute position after it
@@ -179,9 +179,8 @@ class CodecPipeline(CodecSizes):
             z[b, :, : len(idx)] = noise_at(idx, mels)[0]
         spks = torch.stack([c.spks for c in conds])
         mel = cfm_solve(self.graphs["flow_estimator"], self.flow_yaml.flow.cfm_params, mu, mask, spks, cond, z)
-        window_mels = [mel[b, :, c.mel.shape[1] : ratio * len(s)] for b, (c, s) in enumerate(zip(conds, seqs,
-                                                                                                 strict=True))]
-        return self._vocode(windows, window_mels)
+        # each window's own frames: after its prompt, before its padding
+        return self._vocode(windows, [mel[b, :, c.mel.shape[1] : ratio * len(seqs[b])] for b, c in enumerate(conds)])
 
     def _vocode(self, windows: Sequence[DecodeWindow], mels: list[torch.Tensor]) -> list[np.ndarray]:
         """HiFT per group of equal-length windows, with source noise by absolute token position; keep the chunk."""
