@@ -35,6 +35,7 @@ from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffe
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
 from moss_speech.services.sessions import (
+    NoReplyError,
     SessionBusyError,
     SessionLimitError,
     SessionNotFoundError,
@@ -70,7 +71,7 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return code, f"audio: {e}"
     if isinstance(e, SessionNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, SessionBusyError):
+    if isinstance(e, SessionBusyError | NoReplyError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, SessionLimitError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
@@ -169,9 +170,12 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
         out = TurnOutcome()
         audio_samples, seq = 0, 0
         t_first_audio = t_first_text = None
+        generated: list[np.ndarray] = []  # the answer's grid rows, so TruncateReply can find them in TURN_ROWS
         try:
             async for chunk in self.triton.generate(turn, timeout):
                 tt.mark("first_token")
+                if chunk.new_rows is not None:
+                    generated.append(chunk.new_rows)
                 if chunk.text_delta:
                     t_first_text = t_first_text or time.perf_counter()
                     out.text.append(chunk.text_delta)
@@ -185,7 +189,7 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
                     seq += 1
                 if chunk.final:
                     if lease and chunk.turn_rows is not None:
-                        lease.commit(chunk.turn_rows)
+                        lease.commit(chunk.turn_rows, np.concatenate(generated) if generated else None, spec.output)
                     usage = chunk.usage
                     out.usage = speech_pb2.Usage(
                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -393,6 +397,21 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
             return speech_pb2.DeleteSessionResponse(request_id=rid, session_id=request.session_id)
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "DeleteSession", "none", e, rid)
+
+    async def TruncateReply(self, request, context):
+        rid = await self._start(context)
+        try:
+            if request.audio_end_ms < 0:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "audio_end_ms must be >= 0")
+            kept, removed, history = self.sessions.truncate_reply(request.session_id, request.audio_end_ms)
+            log.info("reply truncated", extra={"fields": {"session_id": request.session_id, "speech_tokens": kept,
+                                                          "removed_rows": removed}})
+            await self._record("TruncateReply", "none", grpc.StatusCode.OK)
+            return speech_pb2.TruncateReplyResponse(request_id=rid, session_id=request.session_id,
+                                                    speech_tokens=kept, removed_rows=removed,
+                                                    history_tokens=history)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "TruncateReply", "none", e, rid)
 
 
 class Service:

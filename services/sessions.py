@@ -14,6 +14,7 @@ only guards against helper threads.
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -44,6 +45,48 @@ class SessionLimitError(RuntimeError):
     """max_sessions reached and every session is busy."""
 
 
+class NoReplyError(RuntimeError):
+    """TruncateReply on a session whose last turn is not a spoken answer (or that has no turn)."""
+
+
+SPEECH_TOKENS_PER_SECOND = 12.5  # the model's speech token rate (1920 output samples at 24 kHz per token)
+
+
+@dataclass
+class Reply:
+    """Where the generated rows of the last turn sit, so a barge-in can cut them (TruncateReply)."""
+
+    rows: np.ndarray  # the turn as committed (identity-checked against session.turns[-1])
+    start: int  # index in `rows` of the first generated row
+    generated: np.ndarray  # [n, 2] the generated rows
+    output: str  # "speech" | "text"
+
+
+def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
+    """(The turn with its spoken answer cut to `keep` speech tokens, or None when nothing would change; the speech
+    tokens the answer keeps).
+
+    A spoken answer's generated rows start with audio-mode rows (all with the modality pad in the text channel,
+    the last one carrying EOSP when the model ended its speech). The cut keeps the first `keep` of them, the EOSP
+    row when the model wrote one, then `<|im_end|>` and the newline as text rows: the same closing the service
+    commits for an answer that stopped early. Token ids are read from the rows themselves (no tokenizer here).
+    """
+    g, rows = reply.generated, reply.rows
+    if reply.output != "speech" or len(g) == 0:
+        raise NoReplyError("the last turn has no spoken answer to truncate")
+    pad = g[0, 0]  # text channel of an audio row
+    run = int(np.argmax(g[:, 0] != pad)) if (g[:, 0] != pad).any() else len(g)
+    has_eosp = run < len(g)  # the model switched back to text: the run's last row carries EOSP
+    speech = run - 1 if has_eosp else run
+    if keep >= speech:
+        return None, speech
+    audio_pad = rows[-1, 1]  # the closing newline is a text row
+    tail = np.array([[rows[-2, 0], audio_pad], rows[-1]], dtype=np.int64)  # <|im_end|>, newline
+    kept = np.concatenate([g[:keep]] + ([g[run - 1:run]] if has_eosp else []))
+    cut = np.concatenate([rows[:reply.start], kept, tail]).astype(np.int64)
+    return Reply(rows=cut, start=reply.start, generated=kept, output=reply.output), keep
+
+
 @dataclass
 class Session:
     session_id: str
@@ -54,6 +97,7 @@ class Session:
     last_used_unix: float = field(default_factory=time.time)
     dropped_turns: int = 0
     busy: bool = False
+    last_reply: Reply | None = None  # the generated rows of turns[-1], for TruncateReply
 
     @property
     def history_tokens(self) -> int:
@@ -80,11 +124,24 @@ class TurnLease:
             self.store._touch(self.session)
             return self.session.history(), dropped
 
-    def commit(self, turn_rows: np.ndarray) -> None:
+    def commit(self, turn_rows: np.ndarray, generated: np.ndarray | None = None, output: str = "speech") -> None:
         rows = np.asarray(turn_rows, dtype=np.int64).reshape(-1, 2)
         with self.store._lock:
             self.session.turns.append(rows)
+            self.session.last_reply = _locate_reply(rows, generated, output)
             self.store._touch(self.session)
+
+
+def _locate_reply(rows: np.ndarray, generated: np.ndarray | None, output: str) -> Reply | None:
+    """The generated rows sit before the closing (`\\n`, or `<|im_end|>\\n` when generation stopped early)."""
+    if generated is None or len(generated) == 0:
+        return None
+    g = np.asarray(generated, dtype=np.int64).reshape(-1, 2)
+    for closing in (1, 2):
+        start = len(rows) - closing - len(g)
+        if start >= 0 and np.array_equal(rows[start:start + len(g)], g):
+            return Reply(rows=rows, start=start, generated=g, output=output)
+    return None
 
 
 class SessionStore:
@@ -159,6 +216,27 @@ class SessionStore:
             dropped += 1
         s.dropped_turns += dropped
         return dropped
+
+    def truncate_reply(self, session_id: str, audio_end_ms: int) -> tuple[int, int, int]:
+        """Cut the last spoken answer to the speech tokens started before `audio_end_ms` (a token partly heard is
+        kept). Returns (speech tokens kept, rows removed, history rows). Raises SessionNotFoundError,
+        SessionBusyError (a turn is running) or NoReplyError."""
+        s = self.get(session_id)
+        keep = math.ceil(max(0, audio_end_ms) * SPEECH_TOKENS_PER_SECOND / 1000)
+        with self._lock:
+            if s.busy:
+                raise SessionBusyError(f"session {session_id!r} is running a turn; truncate after it finished")
+            reply = s.last_reply
+            if reply is None or not s.turns or s.turns[-1] is not reply.rows:
+                raise NoReplyError("the session's last turn has no spoken answer to truncate")
+            cut, kept = truncate_reply(reply, keep)
+            if cut is None:
+                return kept, 0, s.history_tokens
+            removed = len(reply.rows) - len(cut.rows)
+            s.turns[-1] = cut.rows
+            s.last_reply = cut  # a later, shorter cut still works
+            self._touch(s)
+            return kept, removed, s.history_tokens
 
     @contextmanager
     def hold(self, session_id: str) -> Iterator[TurnLease]:

@@ -3,8 +3,9 @@
 One turn = one bidi stream carrying one request (request parameter `request_id`, empty final responses on), read
 until the response with Triton's final flag. Failures become `TritonCallError` with the gRPC status the public
 API should return. When a turn is abandoned before its final response (client cancel/disconnect, deadline),
-`generate` cancels its stream and sends the cancel control request to `llm` (`CANCEL_REQUEST_ID`), because
-tritonserver 2.51 does not forward a stream cancellation to the decoupled LLM step inside an ensemble.
+`generate` sends the cancel control request to `llm` (`CANCEL_REQUEST_ID`), because tritonserver 2.51 does not
+forward a stream cancellation to the decoupled LLM step inside an ensemble, then reads the stream to its final
+response instead of cancelling it: a cancelled ensemble request can stay in flight in 2.51 for good.
 
 The channel reconnects with a short backoff so the service recovers within about a second of Triton returning.
 """
@@ -31,6 +32,9 @@ from moss_speech.services.logging import get_logger
 log = get_logger("triton")
 
 MAX_MESSAGE = 2**31 - 1
+# After the cancel control request the job ends within one step; a stream still open after this long is
+# cancelled (the gRPC deadline of a stream is the same backstop past the turn's own deadline).
+DRAIN_SECONDS = 5.0
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -106,6 +110,7 @@ class TurnChunk:
     text_delta: str = ""
     text_tokens: int = 0
     rows: int = 0
+    new_rows: np.ndarray | None = None  # the `rows` generated grid rows themselves, [rows, 2] int64
     turn_rows: np.ndarray | None = None
     final: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +138,8 @@ def _read_chunk(result: Any) -> TurnChunk:
     tokens, rows = get(T.TEXT_TOKENS.name), get(T.ROWS.name)
     chunk.text_tokens = int(tokens.size) if tokens is not None else 0
     chunk.rows = int(rows.reshape(-1, 2).shape[0]) if rows is not None and rows.size else 0
+    if chunk.rows:
+        chunk.new_rows = rows.reshape(-1, 2).astype(np.int64)
     turn_rows = get(T.TURN_ROWS.name)
     if turn_rows is not None and turn_rows.size:
         chunk.turn_rows = turn_rows.reshape(-1, 2).astype(np.int64)
@@ -146,6 +153,14 @@ def _read_chunk(result: Any) -> TurnChunk:
         except (ValueError, TypeError):
             chunk.usage = {}
     return chunk
+
+
+async def _next(stream: Any) -> tuple[Any, Any] | None:
+    """The stream's next (result, error), None at its end (a task result, so a read can outlive its reader)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 class TritonClient:
@@ -222,8 +237,8 @@ class TritonClient:
     async def generate(self, turn: TurnInput, timeout: float | None) -> AsyncIterator[TurnChunk]:
         """Stream the ensemble's responses for one turn; the last yielded chunk has `final=True`.
 
-        Raises TritonCallError. If the consumer stops early (exception, cancellation, aclose), the Triton
-        stream is cancelled and the cancel control request is sent to `llm`.
+        Raises TritonCallError. If the consumer stops early (exception, cancellation, aclose) or `timeout` passes,
+        the cancel control request is sent to `llm` and the stream is read to its final response (`_abandon`).
         """
         model = self.s2s_model if turn.audio is not None else self.t2s_model
         inputs = await self._inputs(turn, model)
@@ -234,10 +249,24 @@ class TritonClient:
                    "parameters": {"request_id": turn.request_id, "triton_enable_empty_final_response": True}}
             await finished.wait()  # keep our side open until the final response
 
-        stream = self._client.stream_infer(requests(), stream_timeout=timeout, headers=turn.trace_headers or None)
+        # The turn's deadline is kept here, not as the stream's gRPC deadline: a deadline cancels the stream.
+        backstop = None if timeout is None else timeout + DRAIN_SECONDS
+        stream = self._client.stream_infer(requests(), stream_timeout=backstop, headers=turn.trace_headers or None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         got_final = False
+        pending: asyncio.Task | None = None  # a read still in flight when the turn is abandoned
         try:
-            async for result, error in stream:
+            while True:
+                pending = asyncio.ensure_future(_next(stream))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not (await asyncio.wait({pending}, timeout=left))[0]:
+                    raise TritonCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          "deadline exceeded while waiting for Triton", "deadline")
+                item, pending = pending.result(), None
+                if item is None:
+                    raise TritonCallError(grpc.StatusCode.UNAVAILABLE,
+                                          "Triton closed the stream before the final response", "stream_closed")
+                result, error = item
                 if error is not None:
                     got_final = True  # an error response ends the request inside Triton
                     raise model_error(str(error.message() if hasattr(error, "message") else error))
@@ -246,16 +275,31 @@ class TritonClient:
                 yield chunk
                 if got_final:
                     return
-            raise TritonCallError(grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the final response",
-                                  "stream_closed")
         except grpc.aio.AioRpcError as e:
             raise rpc_error(e, self.url) from None
         finally:
-            finished.set()
             if not got_final:
-                stream.cancel()
                 # shielded: this often runs while our own task is being cancelled
-                await asyncio.shield(asyncio.ensure_future(self.cancel(turn.request_id)))
+                await asyncio.shield(asyncio.ensure_future(self._abandon(stream, pending, turn.request_id)))
+            finished.set()
+
+    async def _abandon(self, stream: Any, pending: asyncio.Task | None, request_id: str) -> None:
+        """End a turn nobody reads any more: the control request stops the llm job, which then sends its final
+        flag; reading the stream to that final response lets the ensemble request complete inside Triton."""
+        await self.cancel(request_id)
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while True:
+                    item = await (pending or _next(stream))
+                    pending = None
+                    if item is None or item[1] is not None or _read_chunk(item[0]).final:
+                        return
+        except grpc.aio.AioRpcError:
+            return  # the stream already ended (deadline backstop, Triton gone)
+        except TimeoutError:
+            log.warning("no final response after the cancel; cancelling the stream",
+                        extra={"fields": {"request_id": request_id}})
+            stream.cancel()
 
     async def cancel(self, request_id: str, timeout: float = 5.0) -> bool:
         """The cancel control request to `llm`: it stops the job with `request_id` and frees its KV slot."""
