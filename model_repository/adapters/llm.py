@@ -116,6 +116,12 @@ class Responder:
         if update.error is not None:
             self.sender.send(error_response(pb_utils, f"generation failed: {update.error}", "INTERNAL"), flags=FINAL)
             return
+        if update.final and update.usage and update.usage.get("stop_reason") == "cancelled":
+            # The final flag alone: a cancelled job's response with outputs makes the ensemble schedule a vocoder
+            # step for a request that is going away, and tritonserver 2.51 then keeps the ensemble request in
+            # flight for good (SIGTERM waits out the exit timeout and exits 1; docs/triton-notes.md).
+            self.sender.send(flags=FINAL)
+            return
         windows = update.windows or [None]
         for i, window in enumerate(windows):
             first, last = i == 0, i == len(windows) - 1
