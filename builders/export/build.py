@@ -179,6 +179,9 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
     checkpoint, codec, out = Path(checkpoint), Path(codec), Path(out)
     serving = serving or ServingConfig.for_target(target)
     cfg = MossSpeechConfig.from_dir(checkpoint)  # fail fast on a bad checkpoint directory
+    from moss_speech.builders.llm.tokens import SpecialTokens
+
+    SpecialTokens.from_dir(checkpoint, cfg)  # every token id the served llm will read, checked before any work
     EncoderConfig.from_dir(codec)
     if serving.max_context > cfg.max_position_embeddings:
         if "max_context" in serving.model_fields_set:

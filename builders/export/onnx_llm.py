@@ -120,7 +120,7 @@ def example_inputs(cfg: MossSpeechConfig, batch: int = 2, new: int = 3, past: in
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """Distinct sizes >= 2 on every dynamic axis so no axis is specialised to a constant."""
     g = torch.Generator().manual_seed(0)
-    grid = torch.stack([torch.randint(0, 1000, (batch, new), generator=g),
+    grid = torch.stack([torch.randint(0, min(1000, cfg.vocab_size), (batch, new), generator=g),  # any vocabulary
                         torch.full((batch, new), cfg.audio_pad_token_id)], dim=-1)
     position_ids = past + torch.arange(new).expand(batch, new)
     attention_mask = torch.ones(batch, past + new, dtype=torch.long)

@@ -36,6 +36,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
+def write_tokenizer_config(path: Path, model_max_length: int = 40960) -> None:
+    """tokenizer_config.json as Qwen ships it: eos and pad named by their text (ids come from tokenizer.json)."""
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "model_max_length": model_max_length,
+    }, indent=2) + "\n")
+
+
 def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_ID) -> Tokenizer:
     """Write tokenizer.json + tokenizer_config.json with the special tokens from `first_special_id` on
     (at least 256: the byte tokens come first). Returns the loaded tokenizer."""
@@ -56,10 +64,7 @@ def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_
         for i, c in enumerate(SPECIAL_TOKENS)
     ]
     (path / TOKENIZER_FILE).write_text(json.dumps(data, ensure_ascii=False))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "model_max_length": 40960,
-    }, indent=2) + "\n")
+    write_tokenizer_config(path)
     loaded = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     for i, c in enumerate(SPECIAL_TOKENS):  # fail loudly if the library ever renumbers them
         assert loaded.token_to_id(c) == first_special_id + i, c

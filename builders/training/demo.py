@@ -27,11 +27,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from moss_speech.builders.config import MossSpeechConfig
-from moss_speech.builders.llm.checkpoint import init_random, load_model, save_checkpoint
+from moss_speech.builders.llm.checkpoint import init_random, load_model, save_checkpoint, write_generation_config
 from moss_speech.builders.llm.generate import SamplingParams, generate
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.prompt import DEFAULT_SYSTEM_PROMPTS, PromptBuilder, Turn
-from moss_speech.builders.llm.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE
+from moss_speech.builders.llm.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, write_tokenizer_config
+from moss_speech.builders.llm.tokens import SpecialTokens
 from moss_speech.builders.training.config import GROUPS, TEXT_GROUPS, StageConfig, TrainConfig, default_stages
 from moss_speech.builders.training.data import Sample, make_sample
 from moss_speech.builders.training.freeze import checksums
@@ -105,6 +106,20 @@ def toy_config(tok: Tokenizer) -> MossSpeechConfig:
     )
 
 
+def write_demo_checkpoint(path: Path, seed: int = 0) -> tuple[PromptBuilder, MossSpeechForCausalLM]:
+    """The demo's initial checkpoint, complete in the fnlp layout: the word-level tokenizer (tokenizer.json,
+    tokenizer_config.json), config.json and generation_config.json naming that tokenizer's ids, random fp32
+    weights. Every stage checkpoint the trainer writes carries these files, so each one builds and serves."""
+    tok = write_word_tokenizer(path)
+    cfg = toy_config(tok)
+    model = init_random(MossSpeechForCausalLM(cfg), seed)
+    save_checkpoint(model, path, dtype=torch.float32)
+    write_tokenizer_config(path, cfg.max_position_embeddings)
+    write_generation_config(path, cfg, stop_ids=[tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")],
+                            pad_id=tok.token_to_id("<|endoftext|>"))
+    return PromptBuilder(tok, cfg, SpecialTokens.from_dir(path, cfg, tok)), model
+
+
 # ---- speech --------------------------------------------------------------------------------------------------
 class Speaker:
     """espeak-ng -> tiny codec speech encoder -> codes, cached per (text, voice)."""
@@ -163,7 +178,7 @@ def answers(model, builder, turns: list[Turn]) -> list[str]:
     text_h, _ = packed_hidden(model, batch.grid, batch.positions, batch.doc, audio_tail=False)
     ends = torch.tensor([p.shape[0] for p in prompts]).cumsum(0) - 1
     ids = model.text_lm_head(text_h[0, ends]).argmax(-1).tolist()
-    first = generate(model, [prompts[0]], SamplingParams.greedy(max_new_tokens=1))[0].text_tokens[0]
+    first = generate(model, [prompts[0]], SamplingParams.greedy(max_new_tokens=1), builder.tokens)[0].text_tokens[0]
     assert first == ids[0], "packed evaluation disagrees with generate()"
     return [builder.tokenizer.id_to_token(i) for i in ids]
 
@@ -205,11 +220,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     if not (codec_dir / "config.json").is_file():
         write_tiny_codec(codec_dir, seed=seed)
     base = out / "init"
-    tok = write_word_tokenizer(base)
-    cfg = toy_config(tok)
-    model = init_random(MossSpeechForCausalLM(cfg), seed)
-    save_checkpoint(model, base, dtype=torch.float32)
-    builder = PromptBuilder(tok, cfg)
+    builder, model = write_demo_checkpoint(base, seed)
+    cfg = model.config
     speaker = Speaker(codec_dir)
     facts = make_facts(seed)
     held = held_out(facts)
