@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,7 +135,49 @@ async def soak(stub, concurrency: int, duration: float, tokens: int, pid: int) -
     return {"errors": errors, "turns": sum(turns), "wall": wall, "rss": rss, "ttfa_ms": ttfas}
 
 
-async def main_async(args: argparse.Namespace, triton_url: str, pid: int, address: str) -> None:
+class OtlpSink:
+    """Accepts OTLP/HTTP exports and drops them: a stand-in collector for the tracing-overhead comparison."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+async def tracing_overhead(stub, traced_stub, text: str, tokens: int, repeats: int) -> dict[str, list[float]]:
+    """TTFA through a service without and with tracing (same Triton, traced by it too), interleaved pairs."""
+    for _ in range(3):
+        await ttfa_service(traced_stub, text, tokens)
+    off, on = [], []
+    for i in range(repeats):
+        order = [(stub, off), (traced_stub, on)]
+        for s, out in order if i % 2 == 0 else order[::-1]:  # alternate which goes first
+            out.append(await ttfa_service(s, text, tokens))
+    paired = [b - a for a, b in zip(off, on, strict=True)]
+    mo = statistics.median(off)
+    print_table(f"tracing overhead on time to first audio, {repeats} interleaved pairs, same Triton", [
+        ("service, tracing off (median)", f"{1000 * mo:.1f} ms"),
+        ("service, tracing on (median)", f"{1000 * statistics.median(on):.1f} ms"),
+        ("added by tracing, median of paired differences",
+         f"{1000 * statistics.median(paired):+.2f} ms = {100 * statistics.median(paired) / mo:+.2f} % (goal <= 2 %)"),
+    ])
+    return {"off": [1000 * x for x in off], "on": [1000 * x for x in on]}
+
+
+async def main_async(args: argparse.Namespace, triton_url: str, pid: int, address: str,
+                     traced_address: str | None = None) -> None:
     client = TritonClient(triton_url)
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 60)  # the service subprocess is starting
@@ -151,6 +194,12 @@ async def main_async(args: argparse.Namespace, triton_url: str, pid: int, addres
             service.append(s)
             paired.append(s - d)
         md, ms = statistics.median(direct), statistics.median(service)
+        traced = None
+        if traced_address:
+            async with grpc.aio.insecure_channel(traced_address) as traced_channel:
+                await asyncio.wait_for(traced_channel.channel_ready(), 60)
+                traced = await tracing_overhead(stub, speech_pb2_grpc.MossSpeechStub(traced_channel), text,
+                                                args.tokens, args.repeats)
         print_table(f"time to first audio, t2s speech out, greedy, {args.tokens} tokens, {args.repeats} pairs", [
             ("direct Triton (median)", f"{1000 * md:.1f} ms"),
             ("through the service (median)", f"{1000 * ms:.1f} ms"),
@@ -172,6 +221,16 @@ async def main_async(args: argparse.Namespace, triton_url: str, pid: int, addres
         ])
         for e in result["errors"][:5]:
             print("  error:", e)
+        if not args.no_plots:
+            from plots import FIGURES, distribution_plot
+
+            series = {"Triton directly": [1000 * x for x in direct], "through the service": [1000 * x for x in service]}
+            if traced:
+                series["service, tracing on"] = traced["on"]
+            series[f"soak, {args.concurrency} streams"] = result["ttfa_ms"]
+            print("plots:", distribution_plot(FIGURES / "service_ttfa_distribution.png",
+                                              "Time to first audio through the service (tiny model, CPU)", series,
+                                              "time to first audio (ms)"))
     await client.close()
 
 
@@ -183,15 +242,20 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=12, help="tokens per TTFA request")
     parser.add_argument("--soak-tokens", type=int, default=40, help="tokens per soak turn")
     parser.add_argument("--triton-url", help="use a running Triton instead of building the tiny repository")
+    parser.add_argument("--tracing-overhead", action="store_true",
+                        help="also compare TTFA with tracing on (Triton traced too) vs off; needs the tracing extra")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG in docs/figures/")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         triton = None
+        sink = OtlpSink() if args.tracing_overhead else None  # with --triton-url: only the service traced
         if args.triton_url is None:
             print("building the tiny repository and starting tritonserver ...", flush=True)
             repo = build_tiny(Path(tmp))
             triton = TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None,
                                   model_control_mode="explicit", load_models=MODELS, ready_timeout=300,
+                                  trace_otlp_url=sink.url if sink else None,
                                   log_stream=open(Path(tmp) / "triton.log", "w"))  # noqa: SIM115
             triton.start()
         triton_url = args.triton_url or triton.grpc_url
@@ -199,11 +263,20 @@ def main() -> int:
         env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton_url, "MOSS_SPEECH_GRPC_PORT": str(port),
                "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_LOG_LEVEL": "WARNING"}
         service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env)
+        traced, traced_address = None, None
+        if args.tracing_overhead:
+            traced_port = free_port()
+            traced_address = f"localhost:{traced_port}"
+            traced = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env={
+                **env, "MOSS_SPEECH_GRPC_PORT": str(traced_port), "MOSS_SPEECH_METRICS_PORT": str(free_port()),
+                "MOSS_SPEECH_OTLP_ENDPOINT": sink.url})
         try:
-            asyncio.run(main_async(args, triton_url, service.pid, f"localhost:{port}"))
+            asyncio.run(main_async(args, triton_url, service.pid, f"localhost:{port}", traced_address))
         finally:
-            service.terminate()
-            service.wait(30)
+            for proc in (service, traced):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
             if triton is not None:
                 triton.stop()
     return 0

@@ -29,9 +29,9 @@ from moss_speech.builders.config import ServingConfig  # noqa: E402
 from moss_speech.builders.export.build import CODEC_ARTIFACTS, LLM_ARTIFACTS, build_repository  # noqa: E402
 from moss_speech.builders.llm.generate import SamplingParams  # noqa: E402
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn  # noqa: E402
+from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
 from moss_speech.model_repository.runtime.factory import load_codec_runtime, load_llm_runtime  # noqa: E402
 from moss_speech.model_repository.runtime.scheduler import Engine, Request  # noqa: E402
-from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
 
 SAMPLE_RATE_OUT = 24000
 
@@ -115,8 +115,10 @@ def served_turn(url: str, audio: np.ndarray, max_new: int) -> dict:
             "wall": wall}
 
 
-def throughput(url: str, audio: np.ndarray, max_new: int, concurrency: int, requests: int) -> float:
-    """Seconds of speech produced per wall-clock second with `concurrency` clients."""
+def throughput(url: str, audio: np.ndarray, max_new: int, concurrency: int, requests: int,
+               ttfas: list[float] | None = None) -> float:
+    """Seconds of speech produced per wall-clock second with `concurrency` clients (TTFA of each turn, in ms,
+    appended to `ttfas`)."""
     jobs: queue.Queue = queue.Queue()
     for _ in range(requests):
         jobs.put(None)
@@ -128,7 +130,10 @@ def throughput(url: str, audio: np.ndarray, max_new: int, concurrency: int, requ
                 jobs.get_nowait()
             except queue.Empty:
                 return
-            produced.append(served_turn(url, audio, max_new)["audio_s"])
+            turn = served_turn(url, audio, max_new)
+            produced.append(turn["audio_s"])
+            if ttfas is not None:
+                ttfas.append(1000 * turn["ttfa"])
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -171,6 +176,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6, help="requests per measurement")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--perf-analyzer", action="store_true", help="also run perf_analyzer against s2s")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNGs in docs/figures/")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="serving-bench-"))
     tiny, repo = prepare(work)
@@ -179,7 +185,8 @@ def main() -> None:
     with TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=600) as srv:
         served_turn(srv.grpc_url, audio, args.max_new_tokens)  # warm up
         served = [served_turn(srv.grpc_url, audio, args.max_new_tokens) for _ in range(args.requests)]
-        tput = {c: throughput(srv.grpc_url, audio, args.max_new_tokens, c, args.requests * c // 2 + 2)
+        ttfa_by_c: dict[int, list[float]] = {c: [] for c in (1, 2, 4)}
+        tput = {c: throughput(srv.grpc_url, audio, args.max_new_tokens, c, args.requests * c // 2 + 2, ttfa_by_c[c])
                 for c in (1, 2, 4)}
         pa = perf_analyzer(srv.grpc_url, work, audio, args.max_new_tokens) if args.perf_analyzer else None
     print_table(f"time to first audio and RTF (tiny model, CPU, {args.max_new_tokens} speech tokens, medians of "
@@ -195,6 +202,17 @@ def main() -> None:
     ] + [("goal", "c=4 >= 1.5x c=1")])
     if pa:
         print("\n## perf_analyzer against the streaming ensemble\n" + pa)
+    if not args.no_plots:
+        from plots import FIGURES, concurrency_plot, distribution_plot
+
+        print("plots:", concurrency_plot(
+            FIGURES / "serving_concurrency.png",
+            f"Triton s2s, tiny model on CPU, {args.max_new_tokens} speech tokens per turn", ttfa_by_c, tput,
+            "speech seconds per wall second"))
+        print("plots:", distribution_plot(
+            FIGURES / "serving_ttfa_distribution.png", "Time to first audio: in-process vs served (Triton s2s)",
+            {"in-process": [1000 * r["ttfa"] for r in local], "served, c=1": [1000 * r["ttfa"] for r in served],
+             "served, c=4": ttfa_by_c[4]}, "time to first audio (ms)"))
 
 
 if __name__ == "__main__":
