@@ -28,9 +28,47 @@ def serving_config(params: dict[str, str]) -> ServingConfig:
 
 
 def artifact_path(args: dict[str, Any], params: dict[str, str], key: str) -> Path | None:
-    """A model parameter naming an artifact, resolved against the repository root (None when unset)."""
+    """A model parameter naming an artifact, resolved against the repository root (None when unset); `{model}`
+    in it is this model's name. The model's files are checked against the repository's manifest first."""
     rel = params.get(key) or None
-    return rel and Path(args["model_repository"]).parent / rel
+    if rel is None:
+        return None
+    model_dir = Path(args["model_repository"])
+    verify_model_files(model_dir.parent, model_dir.name)
+    return model_dir.parent / rel.format(model=model_dir.name)
+
+
+def verify_model_files(repo: Path, model: str) -> None:
+    """Refuse to load a model whose artifact files differ from `manifest.json` (written by `moss-speech build`).
+
+    Every file the manifest lists under `<model>/` must exist with its size and sha256. Choice: size always,
+    then a full sha256 streamed in 4 MiB chunks (about 1-2 GB/s on one core: seconds for the real model's
+    engines, small next to loading them; a sampled hash would miss a flipped byte). Raises ValueError naming
+    the file and what differs."""
+    import hashlib
+
+    path = repo / "manifest.json"
+    if not path.is_file():
+        raise ValueError("no manifest.json in the model repository: build it with `moss-speech build`")
+    entries = [e for a in json.loads(path.read_text()).get("artifacts", {}).values() for e in a.get("files", [])
+               if e.get("root") == "repository" and e["path"].startswith(f"{model}/")]
+    for e in entries:
+        file = repo / e["path"]
+        why = None
+        if not file.is_file():
+            why = "is missing"
+        elif file.stat().st_size != e["bytes"]:
+            why = f"has {file.stat().st_size} bytes, the manifest says {e['bytes']}"
+        else:
+            h = hashlib.sha256()
+            with open(file, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != e["sha256"]:
+                why = "differs from the manifest (sha256)"
+        if why:
+            raise ValueError(f"model {model}: artifact {e['path']} {why}; rebuild the repository with "
+                             f"`moss-speech build`")
 
 
 def load_codec(args: dict[str, Any]):

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig, ServingConfig
 from moss_speech.builders.llm.generate import ContextLengthError, check_context
 
 __all__ = ["LLMRuntime", "NoFreeSlotError", "ContextLengthError"]
@@ -19,6 +19,12 @@ __all__ = ["LLMRuntime", "NoFreeSlotError", "ContextLengthError"]
 
 class NoFreeSlotError(RuntimeError):
     """Every KV slot is taken: the caller should queue the request (or answer RESOURCE_EXHAUSTED)."""
+
+
+def default_context(config: MossSpeechConfig) -> int:
+    """KV tokens per slot when the caller names none: the serving config's default, never the model's whole
+    `max_position_embeddings` (40,960 for the real model: 8 slots of that are tens of GiB of cache)."""
+    return min(ServingConfig.model_fields["max_context"].default, config.max_position_embeddings)
 
 
 class LLMRuntime(ABC):

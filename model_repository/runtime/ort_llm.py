@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from moss_speech.builders.config import MossSpeechConfig
-from moss_speech.model_repository.runtime.base import LLMRuntime
+from moss_speech.model_repository.runtime.base import LLMRuntime, default_context
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -32,7 +32,7 @@ class OrtLLMRuntime(LLMRuntime):
     def __init__(self, onnx_path: str | os.PathLike, config: MossSpeechConfig, max_slots: int = 8,
                  max_context: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
                  session_options: ort.SessionOptions | None = None):
-        super().__init__(config, max_slots, max_context or config.max_position_embeddings)
+        super().__init__(config, max_slots, max_context or default_context(config))
         self.session = ort.InferenceSession(str(onnx_path), session_options, providers=list(providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
         past = inputs["past_kv"]

@@ -12,7 +12,7 @@ import torch
 
 from moss_speech.builders.llm.kv import StaticKVCache
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
-from moss_speech.model_repository.runtime.base import LLMRuntime
+from moss_speech.model_repository.runtime.base import LLMRuntime, default_context
 
 
 class TorchLLMRuntime(LLMRuntime):
@@ -20,7 +20,7 @@ class TorchLLMRuntime(LLMRuntime):
 
     def __init__(self, model: MossSpeechForCausalLM, max_slots: int = 8, max_context: int | None = None):
         cfg = model.config
-        super().__init__(cfg, max_slots, max_context or cfg.max_position_embeddings)
+        super().__init__(cfg, max_slots, max_context or default_context(cfg))
         self.model = model
         p = next(model.parameters())
         self.cache = StaticKVCache(cfg.num_layer_instances, max_slots, cfg.num_key_value_heads,

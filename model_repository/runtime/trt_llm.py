@@ -17,8 +17,8 @@ Decode steps with more slots than the decode profile's max batch run in chunks.
 
 from __future__ import annotations
 
+import mmap
 import os
-from pathlib import Path
 
 import torch
 
@@ -48,7 +48,9 @@ class TrtLLMRuntime(LLMRuntime):
         self.trt = trt
         self.device = torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        # Deserialize from a read-only mapping of the file: no host copy of the whole engine is made.
+        with open(engine_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT "
                                f"version, or by TensorRT-RTX?)")
@@ -69,6 +71,7 @@ class TrtLLMRuntime(LLMRuntime):
         if max_context is not None and max_context > self.engine_context:
             raise ValueError(f"max_context {max_context} exceeds the engine's decode profile max of "
                              f"{self.engine_context} tokens")
+        # Default: the engine's decode profile max, which the build took from the serving config.
         super().__init__(config, max_slots, max_context or min(self.engine_context,
                                                                config.max_position_embeddings))
 

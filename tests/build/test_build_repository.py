@@ -18,13 +18,16 @@ TORCH_ONLY = ServingConfig.for_target("cpu", llm_runtime="torch", codec_backend=
 
 def test_cpu_build_is_idempotent_and_rebuilds_only_what_changed(tiny_bundle, cpu_repo, tmp_path):
     manifest = json.loads((cpu_repo / "manifest.json").read_text())
-    assert set(manifest["artifacts"]) == {"llm.onnx", "codec.onnx"}
+    assert set(manifest["artifacts"]) == {"llm.onnx", "llm", "codec.onnx", "codec"}
     assert manifest["serving"]["llm_runtime"] == "onnxruntime" and manifest["serving"]["kind"] == "KIND_CPU"
     for name in ("torch", "onnx", "onnxruntime"):
         assert manifest["tools"][name]
     assert len(manifest["sources"]["checkpoint"]["sha256"]) == 64
     llm = manifest["artifacts"]["llm.onnx"]
-    assert llm["bytes"] > 0 and llm["graph"]["inputs"] and (cpu_repo / llm["outputs"][0]).is_file()
+    assert llm["bytes"] > 0 and llm["graph"]["inputs"] and [f["root"] for f in llm["files"]] == ["cache"]
+    served = manifest["artifacts"]["llm"]["files"]
+    assert [(f["root"], f["path"]) for f in served] == [("repository", "llm/1/artifacts/model.onnx")]
+    assert served[0]["sha256"] == llm["files"][0]["sha256"] and (cpu_repo / served[0]["path"]).is_file()
 
     # The same inputs again: nothing is rebuilt.
     serving = ServingConfig.model_validate(manifest["serving"])
@@ -36,6 +39,7 @@ def test_cpu_build_is_idempotent_and_rebuilds_only_what_changed(tiny_bundle, cpu
     shutil.copytree(tiny_bundle, ckpt)
     repo = tmp_path / "repo"
     shutil.copytree(cpu_repo, repo)
+    shutil.copytree(cpu_repo.with_name(cpu_repo.name + ".build-cache"), repo.with_name("repo.build-cache"))
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-5
     (ckpt / "config.json").write_text(json.dumps(cfg))
@@ -51,14 +55,15 @@ def test_repository_configs(cpu_repo):
     for name in ("speech_encoder", "vocoder"):
         text = (cpu_repo / name / "config.pbtxt").read_text()
         assert "dynamic_batching" in text and "allow_ragged_batch: true" in text
-        assert "vocoder/1/artifacts/codec" in text  # parameters point at the artifacts
+        assert "{model}/1/artifacts/codec" in text  # each codec model reads its own folder
+        assert (cpu_repo / name / "1" / "artifacts" / "codec" / "hift.onnx").is_file()
     vocoder = (cpu_repo / "vocoder" / "config.pbtxt").read_text()
     assert 'key: "voices"\n  value { string_value: "default" }' in vocoder  # what ListVoices serves
     s2s = (cpu_repo / "s2s" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in s2s and "max_inflight_requests" not in s2s  # 2.51 rejects the field
     for name in ("speech_encoder", "llm", "vocoder"):
         shim = (cpu_repo / name / "1" / "model.py").read_text()
-        assert f"from moss_speech.model_repository.{name} import TritonPythonModel" in shim
+        assert f"from moss_speech.model_repository.adapters.{name} import TritonPythonModel" in shim
 
 
 def test_newer_triton_options_and_gpu_profile(tiny_bundle, tmp_path):
@@ -96,9 +101,12 @@ def test_gpu_target_builds_engines_offline(tiny_bundle, tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx_bindings" if importlib.util.find_spec("tensorrt") is None else "tensorrt")
     manifest = build_repository(tiny_bundle, tiny_bundle / "codec", "gpu", tmp_path,
                                 ServingConfig.for_target("gpu", max_slots=2, max_context=256), progress=False)
-    llm = manifest["artifacts"]["llm.engine"]["engine"]
+    llm = manifest["artifacts"]["llm"]["engine"]
     assert llm["precision"] == "bf16" and (tmp_path / "llm/1/artifacts/model.plan").stat().st_size > 0
-    assert [p["past_kv"][2][2] for p in manifest["artifacts"]["llm.engine"]["profiles"]] == [2, 1]  # max batch
+    assert [p["past_kv"][2][2] for p in manifest["artifacts"]["llm"]["profiles"]] == [2, 1]  # max batch
+    # The repository holds what Triton loads; the graphs stay in the build cache.
+    assert not list(tmp_path.rglob("*.onnx")) and (tmp_path.with_name(tmp_path.name + ".build-cache") / "llm").is_dir()
+    assert (tmp_path / "speech_encoder/1/artifacts/codec/speech_encoder.engine").is_file()
     engines = manifest["artifacts"]["codec.engines"]["engines"]
     assert set(engines) == {"whisper_mel", "speech_encoder", "flow_encoder", "flow_estimator", "hift"}
     text = (tmp_path / "llm" / "config.pbtxt").read_text()
