@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "moss_speech.cli.triton",
     "moss_speech.cli.service",
     "moss_speech.cli.demo",
+    "moss_speech.cli.up",
 )
 
 

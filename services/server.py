@@ -417,8 +417,9 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
 class Service:
     """The gRPC server with health, reflection, metrics and a background Triton readiness loop."""
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, host: str = "[::]") -> None:
         self.settings = settings
+        self.host = host  # `moss-speech up` binds loopback
         self.metrics = metrics or ServiceMetrics()
         self.triton = TritonClient(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
                                    settings.vocoder_model)
@@ -440,11 +441,11 @@ class Service:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
-        self.port = self.server.add_insecure_port(f"[::]:{self.settings.grpc_port}")
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.settings.grpc_port}")
         await self._set_health(False)
         await self.server.start()
         if serve_metrics:
-            self.metrics.serve(self.settings.metrics_port)
+            self.metrics.serve(self.settings.metrics_port, addr="0.0.0.0" if self.host == "[::]" else self.host)
         self._loop_task = asyncio.create_task(self._health_loop())
         log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.settings.metrics_port,
                                               "triton_url": self.settings.triton_url}})
