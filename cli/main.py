@@ -43,6 +43,10 @@ USER_ERRORS = ("ConfigError", "CheckpointError", "CodecConfigError", "BuildError
                "AudioError", "TritonStartError")
 
 
+# The base install is the service; these come with the `model` extra (pyproject.toml).
+MODEL_EXTRA_MODULES = ("torch", "safetensors", "tokenizers", "yaml", "tqdm", "onnx", "onnxruntime", "jinja2")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as e:
+        if e.name not in MODEL_EXTRA_MODULES:
+            raise
+        print(f"moss-speech {args.command}: error: needs `{e.name}`, part of the `model` extra: "
+              "pip install 'moss-speech-triton[model]'", file=sys.stderr)
+        return 2
     except Exception as e:
         if type(e).__name__ not in USER_ERRORS:
             raise
