@@ -58,8 +58,21 @@ class Reply:
 
     rows: np.ndarray  # the turn as committed (identity-checked against session.turns[-1])
     start: int  # index in `rows` of the first generated row
-    generated: np.ndarray  # [n, 2] the generated rows
-    output: str  # "speech" | "text"
+    speech: int  # speech tokens: the answer's first `speech` generated rows are audio rows
+    eosp_row: np.ndarray | None  # the row with which the model ended its speech, if it did
+
+    @classmethod
+    def of(cls, rows: np.ndarray, start: int, generated: np.ndarray, output: str) -> Reply:
+        """A spoken answer starts with audio-mode rows, all with the modality pad in the text channel; when the
+        model ends its speech, the last of them carries EOSP and text rows follow."""
+        g = generated
+        if output != "speech" or len(g) == 0:
+            return cls(rows, start, 0, None)
+        other = np.nonzero(g[:, 0] != g[0, 0])[0]
+        if len(other) == 0:  # stopped while speaking (max_new_tokens, context): no EOSP
+            return cls(rows, start, len(g), None)
+        run = int(other[0])
+        return cls(rows, start, run - 1, g[run - 1].copy())
 
 
 def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
@@ -71,20 +84,16 @@ def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
     row when the model wrote one, then `<|im_end|>` and the newline as text rows: the same closing the service
     commits for an answer that stopped early. Token ids are read from the rows themselves (no tokenizer here).
     """
-    g, rows = reply.generated, reply.rows
-    if reply.output != "speech" or len(g) == 0:
+    rows = reply.rows
+    if reply.speech == 0:
         raise NoReplyError("the last turn has no spoken answer to truncate")
-    pad = g[0, 0]  # text channel of an audio row
-    run = int(np.argmax(g[:, 0] != pad)) if (g[:, 0] != pad).any() else len(g)
-    has_eosp = run < len(g)  # the model switched back to text: the run's last row carries EOSP
-    speech = run - 1 if has_eosp else run
-    if keep >= speech:
-        return None, speech
+    if keep >= reply.speech:
+        return None, reply.speech
     audio_pad = rows[-1, 1]  # the closing newline is a text row
     tail = np.array([[rows[-2, 0], audio_pad], rows[-1]], dtype=np.int64)  # <|im_end|>, newline
-    kept = np.concatenate([g[:keep]] + ([g[run - 1:run]] if has_eosp else []))
-    cut = np.concatenate([rows[:reply.start], kept, tail]).astype(np.int64)
-    return Reply(rows=cut, start=reply.start, generated=kept, output=reply.output), keep
+    eosp = [reply.eosp_row[None]] if reply.eosp_row is not None else []
+    cut = np.concatenate([rows[:reply.start + keep], *eosp, tail]).astype(np.int64)
+    return Reply(rows=cut, start=reply.start, speech=keep, eosp_row=reply.eosp_row), keep
 
 
 @dataclass
@@ -140,7 +149,7 @@ def _locate_reply(rows: np.ndarray, generated: np.ndarray | None, output: str) -
     for closing in (1, 2):
         start = len(rows) - closing - len(g)
         if start >= 0 and np.array_equal(rows[start:start + len(g)], g):
-            return Reply(rows=rows, start=start, generated=g, output=output)
+            return Reply.of(rows, start, g, output)
     return None
 
 
