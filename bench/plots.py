@@ -57,6 +57,9 @@ def distribution_plot(path: Path, title: str, series: dict[str, list[float]], xl
         ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post",
                 label=f"{label} (n={len(v)}, p50 {_pct(v, 0.5):.0f})")
     ax.set(xlabel=xlabel, ylabel="fraction of turns", title=title, ylim=(0, 1.02))
+    values = [x for v in series.values() for x in v if x > 0]
+    if values and max(values) > 10 * min(values):  # e.g. idle vs loaded: a log axis keeps both readable
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
