@@ -96,9 +96,12 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def realtime_stack(served, tmp_path_factory) -> Iterator[Stack]:
+def realtime_stack(request, tmp_path_factory) -> Iterator[Stack]:
+    """The service and the gateway, on the session's tritonserver (`served`), or on the one at
+    MOSS_TEST_TRITON_URL (a `moss-speech up` or `moss-speech triton` already running: quicker to iterate)."""
+    triton_url = os.environ.get("MOSS_TEST_TRITON_URL") or request.getfixturevalue("served").grpc_url
     logs = tmp_path_factory.mktemp("realtime-stack")
-    service, sport = start_service(served.grpc_url, logs)
+    service, sport = start_service(triton_url, logs)
     try:
         gateway, gport = start_gateway(sport, logs, MOSS_REALTIME_MAX_CONNECTIONS="12")
     except Exception:
