@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from moss_speech.builders.export.onnx_codec import GRAPHS, build_codec_engines, codec_profiles
 from moss_speech.builders.codec.graphs import GRAPH_IO
+from moss_speech.builders.export.onnx_codec import GRAPHS, build_codec_engines, codec_profiles
 
 pytest_plugins = ["tests.export.codec_fixtures"]
 
