@@ -171,8 +171,13 @@ class TritonClient:
             s2s_model, t2s_model, llm_model, vocoder_model)
         self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self._batch: dict[str, bool] = {}  # model -> whether its inputs carry a batch dimension
+        self._open_turns: set[str] = set()  # request ids whose Triton stream is still open
 
     async def close(self) -> None:
+        # Let abandoned turns finish their drain first: closing the channel under them cancels their streams.
+        deadline = time.monotonic() + DRAIN_SECONDS + 1
+        while self._open_turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await self._client.close()
 
     async def ready(self, timeout: float = 2.0) -> bool:
@@ -252,6 +257,7 @@ class TritonClient:
         # The turn's deadline is kept here, not as the stream's gRPC deadline: a deadline cancels the stream.
         backstop = None if timeout is None else timeout + DRAIN_SECONDS
         stream = self._client.stream_infer(requests(), stream_timeout=backstop, headers=turn.trace_headers or None)
+        self._open_turns.add(turn.request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         got_final = False
         pending: asyncio.Task | None = None  # a read still in flight when the turn is abandoned
@@ -278,10 +284,16 @@ class TritonClient:
         except grpc.aio.AioRpcError as e:
             raise rpc_error(e, self.url) from None
         finally:
-            if not got_final:
-                # shielded: this often runs while our own task is being cancelled
-                await asyncio.shield(asyncio.ensure_future(self._abandon(stream, pending, turn.request_id)))
-            finished.set()
+            def closed(_: object = None) -> None:
+                finished.set()
+                self._open_turns.discard(turn.request_id)
+
+            if got_final:
+                closed()
+            else:
+                abandon = asyncio.ensure_future(self._abandon(stream, pending, turn.request_id))
+                abandon.add_done_callback(closed)
+                await asyncio.shield(abandon)  # shielded: this often runs while our own task is being cancelled
 
     async def _abandon(self, stream: Any, pending: asyncio.Task | None, request_id: str) -> None:
         """End a turn nobody reads any more: the control request stops the llm job, which then sends its final

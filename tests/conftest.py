@@ -1,11 +1,31 @@
-"""Shared fixtures: tiny checkpoints in the real layouts, built once per test session."""
+"""Shared fixtures: tiny checkpoints in the real layouts, the CPU repository and ONE tritonserver serving it, all
+built once per test session.
+
+Test tiers: `pytest -m "not slow"` is the unit tier (no tritonserver, no service process, no helm; `./dev.sh unit`),
+`pytest` the whole suite. A test is slow when its module says so (`pytestmark = pytest.mark.slow`) or when it uses
+a fixture that starts a real process (SLOW_FIXTURES): new tests on the shared server land in the right tier.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/, for tritonharness (one module object)
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# Fixtures that start tritonserver, the service or helm (here and in the suites' conftest.py files).
+SLOW_FIXTURES = {"served", "triton", "service", "stub", "triton_server", "helm"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +73,28 @@ def cpu_repo(tiny_bundle, tmp_path_factory):
     build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", out,
                      ServingConfig.for_target("cpu", max_slots=4, max_context=1024), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def served(cpu_repo):
+    """One real tritonserver serving `cpu_repo` for the whole session (tests/serving, tests/service, ...).
+
+    Tests must leave it as they found it (no stop, no restart); a test that stops or kills a server starts its
+    own (`triton_server` in tests/tritonharness.py, or `TritonServer(cpu_repo, ...)`).
+    """
+    from tritonharness import tritonserver_available
+
+    from moss_speech.model_repository.launcher import TritonServer
+
+    if not tritonserver_available():
+        pytest.skip("no tritonserver (install the triton-local extra or run inside NVIDIA's container)")
+    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300,
+                       stop_timeout=20)
+    srv.start()
+    yield srv
+    code = srv.stop()
+    print(f"--- shared tritonserver stopped with exit code {code}; last log lines ---")
+    print("\n".join(srv.logs(40)))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Fixtures for the service tests: a REAL repository (tiny checkpoint → build_repository), a REAL tritonserver
-serving it, and the service as a `moss-speech serve` subprocess pointed at it (all session-scoped)."""
+"""Fixtures for the service tests: the session's REAL tritonserver (`served`, tests/conftest.py, serving the tiny
+repository `cpu_repo`) and the service as a `moss-speech serve` subprocess pointed at it (session-scoped).
+Tests that stop Triton start their own (`own_triton`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from tritonharness import metric, tritonserver_available  # noqa: E402
 
 from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 
-MODELS = ["speech_encoder", "llm", "vocoder", "s2s", "t2s"]
 # Small limits so every limit is reachable with small inputs.
 SERVICE_ENV = {
     "MOSS_SPEECH_MAX_AUDIO_SECONDS": "5",
@@ -34,42 +34,36 @@ SERVICE_ENV = {
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory) -> Path:
-    from moss_speech.builders.config import ServingConfig
-    from moss_speech.builders.export.build import build_repository
-    from moss_speech.builders.tiny import write_tiny_bundle
-
-    root = tmp_path_factory.mktemp("service-repo")
-    write_tiny_bundle(root / "ckpt", seed=0)
-    # The tiny model's context is 2048; 4 slots and one vocoder instance suit 2 shared cores.
-    serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=4, vocoder_instances=1)
-    build_repository(root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving,
-                     progress=False)
-    return root / "repo"
+def model_repo(cpu_repo) -> Path:
+    return cpu_repo
 
 
-_started: list[TritonServer] = []
+@pytest.fixture(scope="session")
+def triton(served) -> TritonServer:
+    """The session's shared tritonserver: never stop it here (see `own_triton`)."""
+    return served
 
 
 def start_triton(repo: Path, **ports: int | None) -> TritonServer:
-    # explicit model list: the repository folder also holds `artifacts/`, which is not a model
-    srv = TritonServer(repo, model_control_mode="explicit", load_models=MODELS, ready_timeout=180, stop_timeout=20,
+    srv = TritonServer(repo, ready_timeout=180, stop_timeout=20,
                        **{"http_port": None, "grpc_port": None, "metrics_port": None, **ports})
-    _started.append(srv)
     return srv.start()
 
 
 def restart_triton(srv: TritonServer) -> TritonServer:
-    """A fresh server on the same repository and ports (a TritonServer object starts once); stopped at session end."""
+    """A fresh server on the same repository and ports (a TritonServer object starts once)."""
     return start_triton(srv.repo, http_port=srv.http_port, grpc_port=srv.grpc_port, metrics_port=srv.metrics_port)
 
 
-@pytest.fixture(scope="session")
-def triton(model_repo) -> Iterator[TritonServer]:
+@pytest.fixture
+def own_triton(cpu_repo) -> Iterator[list[TritonServer]]:
+    """A tritonserver of the test's own on `cpu_repo`, for tests that stop or restart it: a list whose last item
+    is the current server (append what `restart_triton` returns); all are stopped at teardown."""
     if not tritonserver_available():
         pytest.skip("no tritonserver (install the triton-local extra or run inside NVIDIA's container)")
-    yield start_triton(model_repo)
-    for srv in _started:
+    servers = [start_triton(cpu_repo)]
+    yield servers
+    for srv in servers:
         srv.stop()
 
 
