@@ -89,13 +89,6 @@ class StaticKVCache:
     def advance(self, n: int) -> None:
         self.lengths[: self.active] += n
 
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy one sequence's cache to another slot (to keep live sequences packed at the front)."""
-        n = int(self.lengths[src])
-        self.buffer[:, :, dst, :, :n] = self.buffer[:, :, src, :, :n]
-        self.lengths[dst] = n
-        self.lengths[src] = 0
-
 
 class SlotView:
     """The cache protocol of a `StaticKVCache` for an ordered set of its slots."""

@@ -103,10 +103,8 @@ def test_static_cache_rows_with_different_lengths(tiny_model):
     short, long = random_grid(cfg, 4, seed=24), random_grid(cfg, 11, seed=31)
     nxt_short, nxt_long = random_grid(cfg, 1, seed=40), random_grid(cfg, 1, seed=41)
     cache = StaticKVCache(cfg.num_layer_instances, 2, cfg.num_key_value_heads, 32, cfg.head_dim)
-    cache.active = 1
-    tiny_model(short[None], cache=cache)  # prefill slot 0 alone ...
-    cache.move_slot(0, 1)  # ... move it to slot 1 (as the scheduler compacts slots) ...
-    tiny_model(long[None], cache=cache)  # ... and prefill the other sequence into slot 0
+    tiny_model(short[None], cache=cache.view([1]))  # prefill slot 1 alone (as the runtimes admit a request) ...
+    tiny_model(long[None], cache=cache.view([0]))  # ... and the other sequence into slot 0
     cache.active = 2
     assert cache.lengths.tolist() == [11, 4]
     text, audio = tiny_model(torch.stack([nxt_long[0], nxt_short[0]])[:, None], cache=cache, last_only=True)
