@@ -206,6 +206,8 @@ def test_prompt_longer_than_context_is_refused(tiny_model, prompt_builder):
 def test_invalid_sampling_parameters_are_rejected():
     from pydantic import ValidationError
 
-    for bad in ({"temperature": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}, {"unknown": 1}):
+    # temperature 0 alone means greedy (moss_speech.contract.sampling); sampling at temperature 0 is invalid
+    for bad in ({"temperature": -1}, {"temperature": 0, "do_sample": True}, {"top_p": 1.5}, {"top_k": -1},
+                {"max_new_tokens": 0}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
