@@ -89,7 +89,7 @@ PASSTHROUGH = (
            "`HISTORY + TURN_ROWS`"),
     Tensor("FINAL", "BOOL", (1,), "true on the last response"),
     Tensor("USAGE", "STRING", (1,), "JSON on the final response: `prompt_tokens`, `generated_tokens`, "
-           "`stop_reason`, `ttft_ms`, `user_codes` (speech codes of the user's turn, s2s)"),
+           "`stop_reason`, `ttft_ms`, `total_ms`, `speech_tokens`"),
 )
 TEXT_TOKENS, TEXT_DELTA, ROWS, TURN_ROWS, FINAL, USAGE = PASSTHROUGH
 PASSTHROUGH_SUFFIX = "_OUT"  # the vocoder's name of a passed-through field

@@ -247,7 +247,6 @@ class Engine:
             "ttft_ms": None if job.first_token_at is None else round((job.first_token_at - job.submitted) * 1e3, 3),
             "total_ms": round((now - job.submitted) * 1e3, 3),
             "speech_tokens": len(job.speech),
-            "user_codes": list(job.req.turn.codes) if job.req.turn.codes is not None else [],
         }
         if not cancelled and error is None:
             update.turn_rows = self.prompts.exchange_rows(job.req.turn, job.req.output, generated)

@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from conftest import ServiceProcess, restart_triton
+from service_support import ServiceProcess, restart_triton
 from tritonharness import metric
 
 from moss_speech.services.api import speech_pb2 as pb
