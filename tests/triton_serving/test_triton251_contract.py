@@ -1,8 +1,10 @@
-"""Spike on a real tritonserver 2.51: what the MOSS-Speech serving design relies on, proven with toy models.
+"""What the serving stack relies on in tritonserver 2.51 (the nvidia-pytriton wheel), pinned on a real server with
+toy models: if an upgrade changes one of these behaviours, a test here fails and names it.
 
 Ensemble `pipeline` = enc (batched, 2 CPU instances, imports moss_speech) → gen (decoupled, continuous
-batching thread, cancellation checks, custom gauge) → post (dynamic batching). Findings are written up in
-docs/triton-notes.md; each test names the item it covers.
+batching thread, cancellation checks, custom gauge) → post (dynamic batching). The behaviours are written up in
+docs/triton-notes.md, which names the test that pins each; the `llm` adapter, the service's cancel path
+(control request) and the ensemble templates are built on them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from moss_speech.model_repository.launcher import TritonServer
 
 TOY = Path(__file__).parent / "toy_models"
 STEP_MS = 20
-pytestmark = pytest.mark.skipif(not tritonserver_available(), reason="no tritonserver")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not tritonserver_available(), reason="no tritonserver")]
 
 ENC = """
 backend: "python"
@@ -177,7 +179,9 @@ def wait_record(log_dir: Path, tag: str, timeout: float = 10) -> dict:
 
 
 # -- (a) decoupled step inside an ensemble streams every response through the later step ---------------------
-def test_a_ensemble_streams_each_decoupled_response(spike) -> None:
+def test_ensemble_streams_every_decoupled_response_in_order(spike) -> None:
+    """Every response of a decoupled step flows through the next step to the client, in order; BYTES in and out;
+    request parameters reach the composing models (the `llm` streams through the vocoder this way)."""
     srv, _ = spike
     results = run_stream(srv.grpc_url, request([1.0, 2.0], 5, "a0"), parameters={"voice": "alice", "k": 3})
     assert [scalar(r, "STEP") for r in results] == [0, 1, 2, 3, 4]  # in order, one per generated step
@@ -192,7 +196,7 @@ def test_a_ensemble_streams_each_decoupled_response(spike) -> None:
 
 
 @pytest.mark.parametrize(("final_mode", "empty_final"), [(1, False), (2, True)])
-def test_a_final_flag_forms_through_ensemble(spike, final_mode: int, empty_final: bool) -> None:
+def test_final_flag_form_through_ensemble_depends_on_timing(spike, final_mode: int, empty_final: bool) -> None:
     """1: flag on the last data response; 2: flag alone 300 ms later → an empty final reaches the client."""
     srv, _ = spike
     results = run_stream(srv.grpc_url, request([0.0], 3, f"a1_{final_mode}", final_mode=final_mode))
@@ -201,7 +205,9 @@ def test_a_final_flag_forms_through_ensemble(spike, final_mode: int, empty_final
     assert (not has_outputs(results[-1])) == empty_final
 
 
-def test_a_direct_decoupled_model_sees_request_parameters(spike) -> None:
+def test_direct_decoupled_call_sees_request_parameters(spike) -> None:
+    """Calling a decoupled model directly (the cancel control request does): parameters arrive, and the final flag
+    rides on the last data response."""
     srv, _ = spike
     inputs = {"H": np.array([[1.0]], np.float32), "N": np.array([[2]], np.int32),
               "TAG": np.array([[b"a2"]], np.object_), "FINAL_MODE": np.array([[1]], np.int32)}  # fmt: skip
@@ -211,7 +217,9 @@ def test_a_direct_decoupled_model_sees_request_parameters(spike) -> None:
     assert [has_outputs(r) for r in results] == [True, True] and is_final(results[-1])
 
 
-def test_a_error_response_reaches_client(spike) -> None:
+def test_error_response_reaches_client_through_ensemble(spike) -> None:
+    """An error response of the decoupled step reaches the client through the ensemble with its message (the
+    service maps it to a status)."""
     srv, _ = spike
     s = Stream(srv.grpc_url)
     try:
@@ -237,7 +245,9 @@ def start_long_stream(url: str, model: str, tag: str, n: int) -> tuple[Stream, i
     return s, 3
 
 
-def test_b_cancel_reaches_direct_decoupled_model(spike) -> None:
+def test_cancel_reaches_a_directly_called_decoupled_model(spike) -> None:
+    """A stream cancel reaches a decoupled model called directly: both is_cancelled() APIs turn True, and the
+    final flag may still be sent."""
     srv, log_dir = spike
     s, received = start_long_stream(srv.grpc_url, "gen", "b_gen", 500)
     s.close(cancel=True)  # tritonclient: stop_stream(cancel_requests=True)
@@ -248,7 +258,7 @@ def test_b_cancel_reaches_direct_decoupled_model(spike) -> None:
     assert record["final_error"] is None, record  # sending the final flag after cancellation is accepted
 
 
-def test_b_cancel_does_not_reach_decoupled_step_inside_ensemble(spike) -> None:
+def test_cancel_does_not_reach_decoupled_step_inside_ensemble(spike) -> None:
     """2.51: the ensemble cancels only steps it schedules after the cancel, not the running decoupled step."""
     srv, log_dir = spike
     s, _ = start_long_stream(srv.grpc_url, "pipeline", "b_pipe", 60)
@@ -257,7 +267,7 @@ def test_b_cancel_does_not_reach_decoupled_step_inside_ensemble(spike) -> None:
     assert not record["cancelled"] and record["steps_sent"] == 60, record  # ran to the end, unseen
 
 
-def test_b_control_request_cancels_through_ensemble(spike) -> None:
+def test_control_request_cancels_through_ensemble(spike) -> None:
     """Workaround: a second request to the same model names the stream to stop (one process, all jobs)."""
     srv, log_dir = spike
     s, received = start_long_stream(srv.grpc_url, "pipeline", "b_ctl", 500)
@@ -272,7 +282,9 @@ def test_b_control_request_cancels_through_ensemble(spike) -> None:
 
 
 # -- (c)+(f)+(g) concurrent streams interleave, steps batch across streams, post batches dynamically
-def test_cf_concurrent_streams_interleave_and_batch(spike) -> None:
+def test_concurrent_streams_interleave_and_batch(spike) -> None:
+    """Continuous batching in one decoupled instance: streams interleave and one step serves several; the next
+    step's dynamic batcher merges their requests."""
     srv, _ = spike
     before = srv.metrics()
     n_streams, steps = 4, 10
@@ -306,7 +318,8 @@ def test_cf_concurrent_streams_interleave_and_batch(spike) -> None:
     assert max(int(scalar(r, "BATCH")) for res in streams for r in res if has_outputs(r)) >= 2
 
 
-def test_g_custom_gauge_on_metrics_port(spike) -> None:
+def test_custom_gauge_on_metrics_port(spike) -> None:
+    """A gauge made with pb_utils.MetricFamily is exported on the metrics port (moss_speech_llm_active_sequences)."""
     srv, _ = spike
     run_stream(srv.grpc_url, request([0.0], 2, "g0"))
     text = srv.metrics()
@@ -319,7 +332,9 @@ def test_g_custom_gauge_on_metrics_port(spike) -> None:
 
 
 # -- (d) two CPU instances of a python model serve in parallel; (h) model.py imports moss_speech ---
-def test_dh_two_instances_and_package_import(spike) -> None:
+def test_two_cpu_instances_and_package_import_in_stub(spike) -> None:
+    """instance_group count 2 on CPU gives two stub processes sharing the load; model.py can import moss_speech
+    (the one-line model.py files of the written repository rely on it)."""
     srv, _ = spike
     client = grpcclient.InferenceServerClient(srv.grpc_url)
 
@@ -337,6 +352,7 @@ def test_dh_two_instances_and_package_import(spike) -> None:
 
 # -- metrics config: first-response histogram ------------------------------------------------------
 def test_first_response_histogram_availability(spike) -> None:
+    """2.51 accepts histogram_latencies=true but exports no first-response histogram (newer servers do)."""
     srv, _ = spike
     run_stream(srv.grpc_url, request([0.0], 2, "h0"))
     text = srv.metrics()
@@ -347,7 +363,8 @@ def test_first_response_histogram_availability(spike) -> None:
 
 
 # -- (e) max_inflight_requests in ensemble_scheduling ----------------------------------------------
-def test_e_max_inflight_requests_field(triton_server, tmp_path: Path) -> None:
+def test_max_inflight_requests_field_is_rejected(triton_server, tmp_path: Path) -> None:
+    """2.51's ensemble schema has no max_inflight_requests: the build emits it only for newer servers."""
     repo = tmp_path / "repo"
     build_repo(repo, tmp_path)
     shutil.rmtree(repo / "pipeline")
