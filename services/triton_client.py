@@ -48,10 +48,15 @@ CHANNEL_ARGS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
-# Model error messages that mean the request was bad (INVALID_ARGUMENT) or too big (RESOURCE_EXHAUSTED).
-_INVALID_HINTS = ("unknown voice", "validation error", "invalid", "must be", "sampling", "not a valid")
-_RESOURCE_HINTS = ("context", "no free slot", "noFreeSlot", "too long", "exceeds", "longer than")
-_UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "failed to connect")
+# Model error messages that mean the request was too big (RESOURCE_EXHAUSTED; checked first: the llm words a
+# context overflow "invalid request: prompt ... does not fit"), bad (INVALID_ARGUMENT) or that Triton cannot take it
+# now (UNAVAILABLE, retryable). tests/unit/test_service_status.py feeds it every producer's wording.
+_RESOURCE_HINTS = ("does not fit", "context of", "no free slot", "noFreeSlot", "too long", "exceeds", "longer than",
+                   "the limit is")
+_INVALID_HINTS = ("unknown voice", "validation error", "invalid", "must be", "sampling", "not a valid", "is empty",
+                  "nan or inf")
+_UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "failed to connect",
+                      "already waiting")
 
 
 class TritonCallError(Exception):
@@ -65,10 +70,10 @@ class TritonCallError(Exception):
 def model_error(message: str) -> TritonCallError:
     """Map an error response of a model (stream callback's `(None, error)`) to a status."""
     low = message.lower()
-    if any(h.lower() in low for h in _INVALID_HINTS):
-        return TritonCallError(grpc.StatusCode.INVALID_ARGUMENT, message, "model_invalid_argument")
     if any(h.lower() in low for h in _RESOURCE_HINTS):
         return TritonCallError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, "model_resource")
+    if any(h.lower() in low for h in _INVALID_HINTS):
+        return TritonCallError(grpc.StatusCode.INVALID_ARGUMENT, message, "model_invalid_argument")
     if any(h.lower() in low for h in _UNAVAILABLE_HINTS):
         return TritonCallError(grpc.StatusCode.UNAVAILABLE, message, "model_unavailable")
     return TritonCallError(grpc.StatusCode.INTERNAL, message, "model_error")
