@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Debian/Ubuntu with Python >= 3.11 and apt):
 #   ./dev.sh demo   set everything up, then run the main job (the served speech-to-speech demo)
-#   ./dev.sh test   set everything up, then run the whole test suite
+#   ./dev.sh test   set everything up, then lint (ruff check, ruff format --check) and run the whole test suite
+#   ./dev.sh unit   set everything up, then run the unit tier only (pytest -m "not slow": no tritonserver, no
+#                   service process, no helm; under 90 s on 2 cores)
 #   ./dev.sh setup  only set up (.venv, system packages)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,16 +35,23 @@ python_env() {
 
 setup() { system_packages; python_env; }
 
+run_pytest() {
+  set +e
+  "$VENV/bin/python" -m pytest -q "$@"
+  local rc=$?
+  # pytest exits 5 when it collected no tests; that is not a failure of the suite.
+  [ $rc -eq 5 ] && rc=0
+  exit $rc
+}
+
 case "${1:-demo}" in
   setup) setup ;;
   demo) setup; shift || true; exec "$VENV/bin/moss-speech" demo "$@" ;;
   test)
     setup; shift || true
-    set +e
-    "$VENV/bin/python" -m pytest -q "$@"
-    rc=$?
-    # pytest exits 5 when it collected no tests; that is not a failure of the suite.
-    [ $rc -eq 5 ] && rc=0
-    exit $rc ;;
-  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    run_pytest "$@" ;;
+  unit) setup; shift || true; run_pytest -m "not slow" "$@" ;;
+  *) echo "usage: $0 [demo|test|unit|setup]" >&2; exit 2 ;;
 esac
