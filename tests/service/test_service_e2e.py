@@ -18,6 +18,7 @@ from tritonharness import metric
 from moss_speech.services.api import speech_pb2 as pb
 from moss_speech.services.metrics import LLM_ACTIVE_SEQUENCES
 
+pytestmark = pytest.mark.slow  # a real tritonserver (and service)
 SPEECH, TEXT = pb.OUTPUT_MODALITY_SPEECH, pb.OUTPUT_MODALITY_TEXT
 SMALL = pb.Sampling(max_new_tokens=8, seed=1)
 

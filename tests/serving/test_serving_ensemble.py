@@ -21,6 +21,7 @@ from moss_speech.model_repository.runtime.factory import load_codec_runtime
 from moss_speech.model_repository.runtime.scheduler import Engine, Request
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
+pytestmark = pytest.mark.slow  # a real tritonserver (and service)
 GREEDY = {"do_sample": False, "repetition_penalty": 1.0}
 
 

@@ -16,6 +16,8 @@ from perf_analyzer import (  # noqa: E402
     write_demo_repo,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def test_perf_analyzer_streaming(triton_server, tmp_path: Path) -> None:
     try:
