@@ -171,7 +171,8 @@ class SessionStore:
     def _touch(self, s: Session) -> None:
         s.last_used = self._clock()
         s.last_used_unix = time.time()
-        self._sessions.move_to_end(s.session_id)
+        if s.session_id in self._sessions:  # deleted while a turn held it: the turn ends without it
+            self._sessions.move_to_end(s.session_id)
 
     def _expired(self, s: Session, now: float) -> bool:
         return not s.busy and now - s.last_used > self.ttl_seconds

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moss_speech.services.api import speech_pb2, speech_pb2_grpc
 
 AUDIO_PIECE = 256 * 1024  # bytes per StreamConverse audio message (well under the service's max_message_bytes)
-BUSY_RETRIES = 50  # the service releases a cancelled turn's session a moment after the cancel: retry briefly
-BUSY_WAIT = 0.02
+BUSY_RETRIES = 200  # the service releases a cancelled turn's session once Triton confirmed the cancel: retry
+BUSY_WAIT = 0.05
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TurnRequest:
     audio_pcm16: bytes | None = None  # mono int16 LE at audio_rate
     audio_rate: int = 24000
     text: str | None = None
+    after_cancel: bool = False  # the previous turn was cancelled: the service may still be releasing the session
 
 
 class Bridge:
@@ -70,6 +71,15 @@ class Bridge:
             speech_pb2.TruncateReplyRequest(session_id=session_id, audio_end_ms=audio_end_ms), metadata=metadata,
             timeout=timeout)
 
+    async def _wait_idle(self, session_id: str, metadata: tuple) -> None:
+        """Until the session runs no turn (bounded by BUSY_RETRIES x BUSY_WAIT)."""
+        for _ in range(BUSY_RETRIES):
+            s = await self.stub.GetSession(speech_pb2.GetSessionRequest(session_id=session_id), metadata=metadata,
+                                           timeout=5.0)
+            if not s.busy:
+                return
+            await asyncio.sleep(BUSY_WAIT)
+
     async def converse(self, session_id: str, turn: TurnRequest, metadata: tuple,
                        timeout: float) -> AsyncIterator[speech_pb2.StreamConverseResponse]:
         """Stream one turn's responses. Leaving the iteration early (cancellation) cancels the call."""
@@ -92,6 +102,8 @@ class Bridge:
                     yield speech_pb2.StreamConverseRequest(audio=data[i:i + AUDIO_PIECE])
             yield speech_pb2.StreamConverseRequest(end_of_turn=speech_pb2.EndOfTurn())
 
+        if turn.after_cancel:
+            await self._wait_idle(session_id, metadata)
         for attempt in range(BUSY_RETRIES + 1):
             call = self.stub.StreamConverse(requests(), metadata=metadata, timeout=timeout)
             try:
@@ -101,9 +113,13 @@ class Bridge:
                     yield msg
                 return
             except grpc.aio.AioRpcError as e:
-                busy = e.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in (e.details() or "")
+                # A refused stream can also surface as INTERNAL ("Internal error from Core") when the service
+                # aborts it while our audio is still being written: both mean "not started", so retry.
+                busy = (e.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in (e.details() or "")) or (
+                    e.code() == grpc.StatusCode.INTERNAL and "from Core" in (e.details() or ""))
                 if not (first and busy and attempt < BUSY_RETRIES):
                     raise
                 await asyncio.sleep(BUSY_WAIT)
+                await self._wait_idle(session_id, metadata)
             finally:
                 call.cancel()  # no-op once finished; stops the turn when we leave early

@@ -126,6 +126,7 @@ class Connection:
         self.last_answer: str | None = None  # the item that is the service session's last turn
         self.voices: list[str] = []
         self._send_lock = asyncio.Lock()
+        self._after_cancel = False  # the last response did not complete (the service may still hold the session)
         self._reset_input()
 
     def _default_vad(self) -> VadConfig:
@@ -275,6 +276,9 @@ class Connection:
             raise ProtocolError("input_audio_buffer_append_too_large",
                                 f"an append carries at most {self.settings.max_append_bytes} bytes of audio", "audio")
         data = ev.b64decode(e.audio, "audio")
+        if len(data) > self.settings.max_append_bytes:
+            raise ProtocolError("input_audio_buffer_append_too_large",
+                                f"an append carries at most {self.settings.max_append_bytes} bytes of audio", "audio")
         if len(data) % fmt.width:
             raise ProtocolError("invalid_audio", f"{len(data)} bytes is not a whole number of {fmt.type} samples",
                                 "audio")
@@ -507,7 +511,7 @@ class Connection:
         output = "speech" if modalities == ["audio"] else "text"
         turn = TurnRequest(output=output, voice=voice, max_new_tokens=None if max_tokens == "inf" else int(max_tokens),
                            system_prompt=p.instructions if p.instructions is not None else c.instructions,
-                           audio_pcm16=pcm, audio_rate=rate, text=text)
+                           audio_pcm16=pcm, audio_rate=rate, text=text, after_cancel=self._after_cancel)
         item = Item(id=ev.new_id("item"), role="assistant", kind="audio" if output == "speech" else "text",
                     status="in_progress")
         r = Response(id=ev.new_id("resp"), item=item, modalities=modalities, voice=voice, out_format=out_format,
@@ -570,6 +574,10 @@ class Connection:
                     r.last_delta_at = time.perf_counter()
                 elif kind == "final":
                     final = msg.final
+            tail = to_out(np.zeros(0, np.int16), last=True) if audio else None  # the resampler's delay line
+            if tail is not None and len(tail):
+                await self.send(ev.event("response.output_audio.delta",
+                                         delta=base64.b64encode(r.out_format.from_pcm16(tail)).decode(), **ids))
             if final is not None:
                 u = final.usage
                 usage = ev.usage_obj(int(u.prompt_tokens), int(u.generated_tokens),
@@ -585,6 +593,8 @@ class Connection:
             status, reason = "cancelled", r.reason or "client_cancelled"
         except grpc.RpcError as e:
             err = grpc_error(e)
+            log.info("response failed", extra={"fields": {"response_id": r.id, "status": e.code().name,
+                                                          "details": e.details()}})
             status, error = "failed", {"type": err.type, "code": err.code}
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 self.pending = [i for i in self.pending if i not in r.items]  # the same input would fail again
@@ -597,6 +607,7 @@ class Connection:
         finally:
             item.status = {"completed": "completed", "incomplete": "incomplete"}.get(status, "incomplete")
             self.response = None  # before the done events: a client may answer response.done at once
+            self._after_cancel = status in ("cancelled", "failed")
             self.metrics.responses.labels(status).inc()
             await self._quietly(self._finish(r, ids, part_open, status, reason=reason, error=error, usage=usage))
 

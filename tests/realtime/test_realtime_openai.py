@@ -103,7 +103,7 @@ def test_spoken_turn_with_server_vad(realtime_stack, question):
             assert updated["session"]["instructions"] == "Answer briefly."
             assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 400
             silence = np.zeros(24000, np.int16)
-            await c.append(np.concatenate([silence // 2, question, silence]))
+            await c.append(np.concatenate([silence[:12000], question, silence]))
             started, _ = await c.until("input_audio_buffer.speech_started")
             stopped, _ = await c.until("input_audio_buffer.speech_stopped")
             voiced = np.nonzero(np.abs(question) > 500)[0]
@@ -153,7 +153,7 @@ def test_text_turn_with_text_output_and_multi_turn_history(realtime_stack):
         async with connect(realtime_stack) as conn:
             c = await opened(conn)
             prompts = []
-            for i, question in enumerate(["Hello there.", "What is two plus two?", "And three plus three?"]):
+            for question in ["Hello there.", "What is two plus two?", "And three plus three?"]:
                 await c.send({"type": "conversation.item.create", "item": {
                     "type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}})
                 added, _ = await c.until("conversation.item.added")
@@ -191,7 +191,8 @@ def test_response_cancel_then_answer_again(realtime_stack):
             # the cancelled turn never entered the history: its question is answered by the next response
             await c.send({"type": "response.create", "response": {"max_output_tokens": 10}})
             done, got = await c.until("response.done")
-            assert done["response"]["status"] == "incomplete" and len(audio_of(got)) == 10 * TOKEN_MS * 48
+            assert done["response"]["status"] == "incomplete", done
+            assert len(audio_of(got)) == 10 * TOKEN_MS * 48
     asyncio.run(main())
 
 
@@ -213,7 +214,8 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
             done, after = await c.until("response.done")
             assert done["response"]["status"] == "cancelled"
             assert done["response"]["status_details"]["reason"] == "turn_detected"
-            deltas = [e for e in got + after if e["type"] == "response.output_audio.delta"]
+            deltas = [e for e in c.seen if e["type"] == "response.output_audio.delta"]
+            assert not any(e["type"] == "response.output_audio.delta" for e in after[after.index(done):])
             barge_ms = 1000 * max(0.0, deltas[-1]["_t"] - t_start)
             print(f"barge-in: last audio delta {barge_ms:.1f} ms after speech_started")
             assert barge_ms < 500
@@ -226,7 +228,7 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
             await c.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 25}})
             await c.append(np.concatenate([silence, silence, silence]))
             done, got = await c.until("response.done")  # the answer to both questions (the first was cut off)
-            assert done["response"]["status"] == "incomplete"
+            assert done["response"]["status"] == "incomplete", [e for e in got if e["type"] == "error"]
             answer = done["response"]["output"][0]["id"]
             await c.send({"type": "conversation.item.truncate", "item_id": answer, "content_index": 0,
                           "audio_end_ms": 5000})
@@ -274,13 +276,13 @@ def test_bad_events_get_errors_and_the_socket_stays_usable(realtime_stack):
                 assert err["error"]["code"] == code, err
                 if param:
                     assert err["error"]["param"] == param, err
-                assert "Traceback" not in err["error"]["message"] and "/" not in err["error"]["message"]
+                assert "Traceback" not in err["error"]["message"] and ".py" not in err["error"]["message"]
 
             await c.send_raw("{not json")
             await expect("invalid_json")
             await c.send_raw(json.dumps({"type": "session.nonsense", "event_id": "e1"}))
-            err = c.seen[-1]
             await expect("unknown_event_type")
+            assert c.seen[-1]["error"]["event_id"] == "e1"  # names the client event it answers
             await c.send_raw(json.dumps({"type": "input_audio_buffer.append", "audio": "@@@not-base64@@@"}))
             await expect("invalid_base64", "audio")
             await c.send_raw(json.dumps({"type": "input_audio_buffer.append",
