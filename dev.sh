@@ -28,7 +28,7 @@ python_env() {
   local stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[model,dev,triton-local,trt-rtx]"
+    "$VENV/bin/pip" install -q -e ".[model,dev,triton-local,trt-rtx,tracing]"
     touch "$stamp"
   fi
 }
