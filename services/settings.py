@@ -48,6 +48,51 @@ class ServiceSettings(BaseSettings):
         50051, ge=1, le=65535, description="Port of the public gRPC API and `grpc.health.v1`.")
     metrics_port: int = Field(
         9090, ge=1, le=65535, description="Port of the Prometheus `/metrics` HTTP endpoint.")
+    bind_address: str = Field(
+        "[::]", min_length=1,
+        description="Address the public gRPC port binds (`[::]` = every interface; `127.0.0.1` = loopback only).")
+    metrics_bind_address: str = Field(
+        "0.0.0.0", min_length=1,
+        description="Address the metrics port binds; the chart never publishes it on the public Service.")
+    health_port: int = Field(
+        0, ge=0, le=65535,
+        description="Plaintext port serving only `grpc.health.v1` (for kubelet probes, which cannot speak TLS); "
+                    "0 = health only on the public port. The chart sets it to `orchestrator.healthPort`.")
+
+    # --- security (docs/security.md) ------------------------------------------------------------------
+    plaintext: bool = Field(
+        False, description="Serve the public port without TLS. Off by default: only for loopback/local stacks.")
+    tls_cert_file: str = Field(
+        "/etc/moss-speech/tls/tls.crt",
+        description="PEM server certificate chain (re-read when the file changes, e.g. rotated by cert-manager).")
+    tls_key_file: str = Field("/etc/moss-speech/tls/tls.key", description="PEM private key of `tls_cert_file`.")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    auth: Literal["api_keys", "none"] = Field(
+        "api_keys", description="`api_keys`: every RPC but health needs `authorization: Bearer <key>`; `none`: "
+                                "no authentication (local stacks only).")
+    api_keys_file: str = Field(
+        "/etc/moss-speech/keys/api-keys",
+        description="Key hashes, one `key_id:sha256hex` line each (`python -m moss_speech.services.auth new ID`); "
+                    "re-read when it changes, so keys rotate without a restart.")
+    reflection: bool = Field(False, description="Serve gRPC server reflection.")
+
+    # --- per-key and global limits --------------------------------------------------------------------
+    max_streams: int = Field(512, ge=1, description="Most concurrent Converse/StreamConverse calls in all.")
+    max_streams_per_key: int = Field(32, ge=1, description="Most concurrent Converse/StreamConverse calls per key.")
+    max_sessions_per_key: int = Field(64, ge=1, description="Most sessions one key holds at a time.")
+    turns_per_minute_per_key: int = Field(600, ge=1, description="Turns one key may start per minute.")
+    audio_seconds_per_minute_per_key: float = Field(
+        1800.0, gt=0, description="Seconds of input audio one key may send per minute.")
+    stream_idle_seconds: float = Field(
+        30.0, gt=0, description="A stream whose client sends nothing for this long (outside a running turn) is "
+                                "closed with DEADLINE_EXCEEDED, seconds.")
+    max_system_prompt_chars: int = Field(4000, ge=1, description="Longest system prompt accepted, characters.")
+    max_new_tokens_limit: int = Field(
+        1000, ge=1, description="Largest `max_new_tokens` a request may ask for (also capped by the served "
+                                "context).")
+    max_audio_buffer_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Most bytes of encoded audio buffered for one streamed turn.")
 
     # --- request limits -------------------------------------------------------------------------------
     max_audio_seconds: float = Field(
@@ -119,8 +164,12 @@ class ServiceSettings(BaseSettings):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
-        if self.grpc_port == self.metrics_port:
-            raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        ports = [p for p in (self.grpc_port, self.metrics_port, self.health_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"grpc_port, metrics_port and health_port must differ, got {ports}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) > max_new_tokens_limit "
+                             f"({self.max_new_tokens_limit})")
         return self
 
 
