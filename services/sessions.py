@@ -100,6 +100,7 @@ def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
 class Session:
     session_id: str
     system_prompt: str = ""
+    owner: str = ""  # the creator's API key id: other keys get NOT_FOUND (checked by the server)
     turns: deque[np.ndarray] = field(default_factory=deque)
     created_unix: float = field(default_factory=time.time)
     last_used: float = 0.0  # monotonic clock
@@ -127,9 +128,11 @@ class TurnLease:
     session: Session
     store: SessionStore
 
-    def prepare(self) -> tuple[np.ndarray, int]:
+    def prepare(self, budget: int | None = None) -> tuple[np.ndarray, int]:
+        """`budget`: this turn's history rows (the server derives it from the served context), at most the
+        store's max_context_tokens."""
         with self.store._lock:
-            dropped = self.store._fit(self.session)
+            dropped = self.store._fit(self.session, budget)
             self.store._touch(self.session)
             return self.session.history(), dropped
 
@@ -188,15 +191,22 @@ class SessionStore:
             self._on_change(n)
         return len(gone)
 
-    def create(self, system_prompt: str = "") -> Session:
+    def create(self, system_prompt: str = "", owner: str = "", max_per_owner: int = 0) -> Session:
+        """A new session of `owner`. Past `max_per_owner` sessions of that owner (0 = no cap) raises
+        SessionLimitError; a full store evicts only the owner's own least recently used idle session, never
+        another owner's (unless its idle TTL has run out)."""
         self.evict_expired()
         with self._lock:
+            if max_per_owner and sum(1 for x in self._sessions.values() if x.owner == owner) >= max_per_owner:
+                raise SessionLimitError(f"this API key holds {max_per_owner} sessions (max_sessions_per_key); "
+                                        "delete one first")
             if len(self._sessions) >= self.max_sessions:
-                idle = next((sid for sid, s in self._sessions.items() if not s.busy), None)
+                idle = next((sid for sid, x in self._sessions.items() if not x.busy and x.owner == owner), None)
                 if idle is None:
-                    raise SessionLimitError(f"max_sessions={self.max_sessions} reached and all are in use")
+                    raise SessionLimitError(f"max_sessions={self.max_sessions} reached and none of this key's "
+                                            "sessions is idle")
                 del self._sessions[idle]
-            s = Session(session_id=secrets.token_hex(16), system_prompt=system_prompt)
+            s = Session(session_id=secrets.token_hex(16), system_prompt=system_prompt, owner=owner)
             self._sessions[s.session_id] = s
             self._touch(s)
             n = len(self._sessions)
@@ -212,16 +222,22 @@ class SessionStore:
             return s
 
     def delete(self, session_id: str) -> None:
+        """Raises SessionNotFoundError, or SessionBusyError while a turn runs (delete it after the turn)."""
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
+            s = self._sessions.get(session_id)
+            if s is None:
                 raise SessionNotFoundError(session_id)
+            if s.busy:
+                raise SessionBusyError("the session is running a turn; delete it after the turn ends")
+            del self._sessions[session_id]
             n = len(self._sessions)
         self._on_change(n)
 
-    def _fit(self, s: Session) -> int:
+    def _fit(self, s: Session, budget: int | None = None) -> int:
         """Drop the oldest turns until the history fits the context budget; returns how many went."""
+        limit = self.max_context_tokens if budget is None else min(budget, self.max_context_tokens)
         dropped = 0
-        while s.turns and s.history_tokens > self.max_context_tokens:
+        while s.turns and s.history_tokens > limit:
             s.turns.popleft()
             dropped += 1
         s.dropped_turns += dropped
