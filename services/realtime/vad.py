@@ -21,6 +21,10 @@ FRAME = 512  # samples per decision at 16 kHz
 CONTEXT = 64
 FRAME_MS = 1000 * FRAME / VAD_RATE  # 32 ms
 NEG_MARGIN = 0.15  # silence = probability below threshold - margin (silero's own hysteresis)
+# Silero's probability falls about two frames after speech energy ends (measured on espeak-ng speech: 1.0 until
+# ~40 ms after the last voiced sample, below 0.35 ~100 ms after it). The silence clock starts that much earlier, so
+# `silence_duration_ms` counts from the end of speech rather than from the model's late decision.
+OFFSET_LAG_MS = 64
 
 
 def model_path() -> Path:
@@ -132,7 +136,7 @@ class Endpointer:
                 self._silence_start = None
             elif p < c.threshold - NEG_MARGIN or self._silence_start is not None:
                 if self._silence_start is None:
-                    self._silence_start = start
+                    self._silence_start = max(0, start - OFFSET_LAG_MS * VAD_RATE // 1000)
                 if _ms(self.position - self._silence_start) >= c.silence_duration_ms:
                     events.append(VadEvent("stop", _ms(self.position)))
                     self.reset()
