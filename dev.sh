@@ -14,7 +14,8 @@ system_packages() {
   # espeak-ng + sox: spoken test questions; libsndfile1: soundfile; libb64-0d: Triton's perf_analyzer.
   # prometheus (+ promtool): the observability tests run it on loopback with their own config, never the service.
   local need=()
-  for pkg in espeak-ng sox libsndfile1 libb64-0d prometheus; do
+  # chromium: the realtime page's headless browser test (tests/realtime/test_realtime_page.py).
+  for pkg in espeak-ng sox libsndfile1 libb64-0d prometheus chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
