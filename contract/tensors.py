@@ -101,6 +101,19 @@ SEQ = Tensor("SEQ", "INT64", (1,), "index of the response in its stream (0, 1, .
              "(`preserve_ordering`), and clients can check it")
 VOCODER_OWN = (AUDIO_CHUNK, AUDIO_SEQ, SEQ)
 
+# --- voice: create / list / get / delete created voices (one request at a time, no batching) ----------------
+VOICE_OP = Tensor("VOICE_OP", "STRING", (1,), "`create`, `list`, `get` or `delete`")
+VOICE_ARGS = Tensor("VOICE_ARGS", "STRING", (1,), "JSON: `owner` (API key id), and `name`, `description`, "
+                    "`sample_rate` (create) or `voice_id` (get, delete)")
+VOICE_PCM = Tensor("VOICE_PCM", "FP32", (-1,), "create: the recording, mono PCM at `sample_rate`, 3-30 s",
+                   optional=True)
+VOICE_INFO = Tensor("VOICE_INFO", "STRING", (1,), "JSON: the voice's record (create, get, delete) or `voices`, "
+                    "a list of records (list)")
+PROMPT_CODES = Tensor("PROMPT_CODES", "INT64", (-1,), "create: the voice's prompt codes (speech encoder, 16 kHz); "
+                      "empty otherwise")
+PROMPT_MEL = Tensor("PROMPT_MEL", "FP32", (80, -1), "create: 24 kHz prompt mel, 4 frames per prompt code")
+XVECTOR = Tensor("XVECTOR", "FP32", (-1,), "create: CAM++ x-vector (192)")
+
 # --- models --------------------------------------------------------------------------------------------------
 SPEECH_ENCODER = Model("speech_encoder", _ragged((AUDIO,)), (CODES,))
 LLM = Model("llm", (replace(CODES, optional=True), replace(TEXT, optional=True), *TURN_INPUTS, CANCEL_REQUEST_ID),
@@ -109,5 +122,6 @@ VOCODER = Model("vocoder", _ragged(LLM.outputs),
                 (*VOCODER_OWN, *(replace(t, name=t.name + PASSTHROUGH_SUFFIX) for t in PASSTHROUGH)))
 S2S = Model("s2s", (AUDIO, *TURN_INPUTS), (*VOCODER_OWN, *PASSTHROUGH))  # speech in
 T2S = Model("t2s", (TEXT, *TURN_INPUTS), (*VOCODER_OWN, *PASSTHROUGH))  # text in
-PYTHON_MODELS = (SPEECH_ENCODER, LLM, VOCODER)
+VOICE_MODEL = Model("voice", (VOICE_OP, VOICE_ARGS, VOICE_PCM), (VOICE_INFO, PROMPT_CODES, PROMPT_MEL, XVECTOR))
+PYTHON_MODELS = (SPEECH_ENCODER, LLM, VOCODER, VOICE_MODEL)
 ENSEMBLES = (S2S, T2S)

@@ -62,6 +62,9 @@ def write_repository(out: str | Path, serving: ServingConfig, checkpoint_dir: st
         T.LLM.name: common | {"checkpoint_dir": str(Path(checkpoint_dir).resolve()),
                               "llm_artifact": llm_artifact or ""},
         T.VOCODER.name: codec | {"voices": ",".join(voices)},
+        # The voice model runs the speech encoder's graphs (its artifact folder; nothing of its own to install).
+        T.VOICE_MODEL.name: codec | {"codec_artifacts": (codec_artifacts or "").replace("{model}",
+                                                                                        T.SPEECH_ENCODER.name)},
     }
     written = []
     for model in T.PYTHON_MODELS:

@@ -5,18 +5,25 @@ to the client (text deltas, PCM16 audio chunks) → commit TURN_ROWS to the sess
 and timings. Also served: `grpc.health.v1` (SERVING only while Triton and both ensembles are ready), server
 reflection, Prometheus metrics (ServiceMetrics) on their own port.
 
-Status codes (see `to_status`): bad input → INVALID_ARGUMENT, unknown session → NOT_FOUND, session in use →
-FAILED_PRECONDITION, audio over max_audio_seconds / message over max_message_bytes / no session room →
-RESOURCE_EXHAUSTED, Triton down → UNAVAILABLE, deadline → DEADLINE_EXCEEDED.
-Every response carries a request id (field `request_id`, and `x-request-id` metadata, also on errors).
+Status codes (see `to_status`): bad input (malformed protobuf included) → INVALID_ARGUMENT, unknown session or
+another key's → NOT_FOUND, session in use → FAILED_PRECONDITION, audio over max_audio_seconds / message over
+max_message_bytes / no session room / a per-key limit → RESOURCE_EXHAUSTED (limits with `retry-after-ms` and a
+`google.rpc.RetryInfo` detail), missing or wrong API key → UNAUTHENTICATED, Triton down → UNAVAILABLE, deadline or
+an idle stream → DEADLINE_EXCEEDED. Messages never carry addresses, paths, object reprs or internal model names
+(`public_message`). Every response carries a request id (field `request_id`, and `x-request-id` metadata, also on
+errors). Security (TLS, keys, limits, ownership): docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
+import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +31,20 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import duration_pb2, message_factory
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 from pydantic import ValidationError
 
-from moss_speech.contract.audio import OUTPUT_RATE
+from moss_speech.contract.audio import INPUT_RATE, OUTPUT_RATE
 from moss_speech.contract.sampling import FIELDS as SAMPLING_FIELDS
 from moss_speech.contract.sampling import SamplingParams
 from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
+from moss_speech.services.auth import ApiKeys, AuthError, authenticate, key_id_var
+from moss_speech.services.limits import LimitError, Limiter, Limits
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
 from moss_speech.services.sessions import (
@@ -43,8 +56,10 @@ from moss_speech.services.sessions import (
     TurnLease,
 )
 from moss_speech.services.settings import ServiceSettings
+from moss_speech.services.tls import ReloadingCredentials
 from moss_speech.services.tracing import Tracing
 from moss_speech.services.triton_client import TritonCallError, TritonClient, TurnInput
+from moss_speech.services.voices import VoiceRPCs, is_created
 
 log = get_logger("server")
 
@@ -54,6 +69,15 @@ ENCODINGS = {
 }
 OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
            speech_pb2.OUTPUT_MODALITY_TEXT: "text"}
+CALL_METHODS = ("Converse", "StreamConverse")  # the calls that count against the concurrent-call limits
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # what SessionStore.create hands out
+MAX_VOICE_CHARS = 128
+SPEECH_SAMPLES_PER_TOKEN = INPUT_RATE * 2 // 25  # 12.5 Hz speech codes
+# Rows of a turn's prompt that are not history: the default system prompt (the reference appends it), the
+# turn wrappers and the reply prefix. Generous: a wrong guess only drops a turn early.
+PROMPT_OVERHEAD_ROWS = 160
+INTERNAL_MESSAGE = "internal error"
+UNAVAILABLE_MESSAGE = "the speech model is unavailable; retry shortly"
 
 
 class ServiceError(Exception):
@@ -62,10 +86,32 @@ class ServiceError(Exception):
         self.code, self.message = code, message
 
 
+_SCRUB = (
+    (re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>"), "<object>"),  # object reprs
+    (re.compile(r"\b0x[0-9a-fA-F]{4,}\b"), "<address>"),
+    (re.compile(r"\b(?:ipv[46]:)?(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9][\w.-]*):\d{2,5}\b"), "<host>"),
+    (re.compile(r"(?:[A-Za-z]:)?(?:/[\w.@+-]+){2,}/?"), "<path>"),
+    (re.compile(r"\bTraceback\b.*", re.S), ""),
+)
+
+
+def public_message(message: str, model_names: tuple[str, ...] = ()) -> str:
+    """`message` without memory addresses, object reprs, host:port, file paths or the names of internal models."""
+    for pattern, repl in _SCRUB:
+        message = pattern.sub(repl, message)
+    for name in sorted({n for n in model_names if n}, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "model", message)
+    return message[:1000]
+
+
 def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised while serving a request."""
     if isinstance(e, ServiceError):
         return e.code, e.message
+    if isinstance(e, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(e)
+    if isinstance(e, LimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry in {math.ceil(e.retry_after)} s"
     if isinstance(e, AudioError):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.is_resource_limit else grpc.StatusCode.INVALID_ARGUMENT
         return code, f"audio: {e}"
@@ -79,8 +125,26 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sampling'}: {x['msg']}" for x in e.errors())
         return grpc.StatusCode.INVALID_ARGUMENT, f"invalid sampling parameters: {errs}"
     if isinstance(e, TritonCallError):
-        return e.code, e.message
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return e.code, e.message  # the model's own words about the request (scrubbed by the caller)
+        if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return e.code, "deadline exceeded"
+        if e.code == grpc.StatusCode.CANCELLED:
+            return e.code, "cancelled"
+        if e.code == grpc.StatusCode.INTERNAL:
+            return e.code, INTERNAL_MESSAGE
+        return grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE  # never Triton's address or connection details
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def retry_metadata(retry_after: float) -> tuple[tuple[str, str | bytes], ...]:
+    """`retry-after-ms` and a google.rpc.Status with RetryInfo (what grpcio-status clients read)."""
+    ms = max(1, math.ceil(1000 * retry_after))
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
+                                                                          nanos=(ms % 1000) * 1_000_000))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="retry later")
+    status.details.add().Pack(info)
+    return (("retry-after-ms", str(ms)), ("grpc-status-details-bin", status.SerializeToString()))
 
 
 def sampling_from_proto(sampling: speech_pb2.Sampling, defaults: dict[str, Any]) -> SamplingParams:
@@ -107,7 +171,7 @@ class TurnOutcome:
     timings: speech_pb2.Timings = field(default_factory=speech_pb2.Timings)
 
 
-class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
+class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voice RPCs: services/voices.py
     def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: SessionStore,
                  metrics: ServiceMetrics) -> None:
         self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
@@ -120,7 +184,7 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
         if output not in OUTPUTS:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output modality {output}")
         voice = voice or self.settings.default_voice
-        if self.voice_ids and voice not in self.voice_ids:
+        if self.voice_ids and voice not in self.voice_ids and not is_created(voice):  # created: require_voice
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}")
         params = sampling_from_proto(sampling, self.settings.sampling_defaults())
@@ -156,6 +220,7 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
                     t_input: float | None = None) -> AsyncIterator[tuple[str, Any]]:
         """Yields ("text", str), ("audio", AudioChunk) and finally ("final", TurnOutcome)."""
         t0 = t_input if t_input is not None else time.perf_counter()
+        await self.require_voice(spec.voice)  # a created voice: exists and is the caller's, else NOT_FOUND
         history, dropped = lease.prepare() if lease else (np.zeros((0, 2), np.int64), 0)
         if dropped:
             self.metrics.context_truncations.inc()
@@ -352,17 +417,6 @@ class MossSpeechServicer(speech_pb2_grpc.MossSpeechServicer):
             await self._fail(context, "StreamConverse", mode, e, rid)
         finally:
             self.metrics.active_streams.dec()
-
-    async def ListVoices(self, request, context):
-        rid = await self._start(context)
-        try:
-            ids = await self.triton.voices() or [self.settings.default_voice]
-            self.voice_ids = ids if ids != [self.settings.default_voice] else self.voice_ids
-            await self._record("ListVoices", "none", grpc.StatusCode.OK)
-            return speech_pb2.ListVoicesResponse(request_id=rid, voices=[
-                speech_pb2.Voice(voice_id=v, is_default=v == self.settings.default_voice) for v in ids])
-        except Exception as e:  # noqa: BLE001
-            await self._fail(context, "ListVoices", "none", e, rid)
 
     def _session_msg(self, rid: str, s) -> speech_pb2.Session:
         return speech_pb2.Session(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moss_speech.builders.codec.streaming import DecodeWindow
+from moss_speech.builders.codec.voice_store import VoiceStore, default_store_dir
+from moss_speech.builders.codec.voices import UnknownVoiceError
 from moss_speech.contract import tensors as T
 from moss_speech.contract.window import Window
 from moss_speech.model_repository.adapters.common import error_response, load_codec, string_input
@@ -23,6 +27,8 @@ def read_window(request) -> Window:
 class TritonPythonModel:
     def initialize(self, args):
         self.codec, _ = load_codec(args)
+        # created voices: read from the shared voice store on a miss (model_repository/adapters/voice.py)
+        self.codec.voices.store = VoiceStore(default_store_dir(Path(args["model_repository"]).parent))
         # Warm up (voice conditioning, first-call allocations) so the first client does not pay for it.
         self.codec.decode_windows([DecodeWindow(tokens=[0] * 8, n_context=0, n_chunk=5, first_position=0)])
 
@@ -32,11 +38,12 @@ class TritonPythonModel:
             try:
                 w = metas[i] = read_window(request)
                 if w.has_window:
+                    self.codec.voices.get(w.voice_id)  # an unknown/deleted voice fails its request, not the batch
                     windows.append(DecodeWindow(tokens=list(w.tokens), n_context=w.n_context, n_chunk=w.n_chunk,
                                                 first_position=w.first_position, finalize=w.finalize,
                                                 voice_id=w.voice_id))
                     owners.append(i)
-            except ValueError as e:
+            except (ValueError, UnknownVoiceError) as e:
                 errors[i] = str(e)
         audio: dict[int, np.ndarray] = {}
         if windows:
