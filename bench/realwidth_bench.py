@@ -57,11 +57,15 @@ def project(base_bytes: int, marginal: float, real_weight_bytes: int) -> float:
     return (base_bytes + marginal * real_weight_bytes) / GiB
 
 
-def rss_now() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
     return 0
+
+
+def rss_now() -> int:
+    return _status_kib("VmRSS") * 1024
 
 
 # --- stages (each runs as `python realwidth_bench.py --stage NAME ...` in its own process) ---------------------
@@ -146,8 +150,8 @@ def write_checkpoint(ckpt: Path, tiny: bool, layers: int, shard_bytes: int = 2 *
         return
     for old in ckpt.glob("model*.safetensors*"):
         old.unlink()
-    cfg = MossSpeechConfig.from_dir(ckpt).model_copy(update=REAL | dict(num_shared_layers=layers,
-                                                                        num_hidden_layers=2 * layers))
+    layout = dict(num_shared_layers=layers, num_modality_layers=layers, num_hidden_layers=2 * layers)
+    cfg = MossSpeechConfig.from_dir(ckpt).model_copy(update=REAL | layout)
     cfg = MossSpeechConfig.model_validate(cfg.model_dump())
     cfg.save(ckpt)
     with torch.device("meta"):
@@ -190,8 +194,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.stage:  # child: run one stage, print its result and peak RSS
         info = _stage(args.stage, args.ckpt, args.work)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # cpu-repo's own stages
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would start at its parent's RSS.
+        peak = _status_kib("VmHWM") * 1024
+        # cpu-repo's own stage processes (forked by a small process, so their ru_maxrss is their own peak)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         print(json.dumps(info | {"peak_rss": max(peak, children)}))
         return
 

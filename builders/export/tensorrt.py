@@ -174,12 +174,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is rejected
     else:
         cache_path = None
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError(f"{name} could not build {onnx_path}: " + "; ".join(_msgs(logger)))
     out = Path(engine_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(memoryview(plan))
+    if not _build_to_file(trt, builder, network, config, out):
+        raise RuntimeError(f"{name} could not build {onnx_path}: " + "; ".join(_msgs(logger)))
+    del network, parser  # the parsed weights
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
@@ -189,6 +188,35 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         profiles=[{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
         seconds=time.perf_counter() - t0, bytes=out.stat().st_size,
         timing_cache=str(cache_path) if cache_path else None, warnings=_msgs(logger))
+
+
+def _build_to_file(trt: ModuleType, builder, network, config, out: Path) -> bool:
+    """Build and write the engine. Where the backend can stream the plan (`build_serialized_network_to_stream`,
+    TensorRT >= 10.11 and TensorRT-RTX) it goes straight to the file: no host copy of the whole plan beside
+    the parsed weights and the builder's own."""
+    tmp = out.with_name(out.name + ".partial")
+    if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+        class FileWriter(trt.IStreamWriter):
+            def __init__(self, f):
+                trt.IStreamWriter.__init__(self)
+                self.f = f
+
+            def write(self, data) -> int:
+                return self.f.write(data)
+
+        with open(tmp, "wb") as f:
+            ok = builder.build_serialized_network_to_stream(network, config, FileWriter(f))
+    else:
+        plan = builder.build_serialized_network(network, config)
+        ok = plan is not None
+        if ok:
+            tmp.write_bytes(memoryview(plan))
+        del plan
+    if not ok:
+        tmp.unlink(missing_ok=True)
+        return False
+    tmp.replace(out)
+    return True
 
 
 def _msgs(logger) -> list[str]:
