@@ -261,7 +261,8 @@ def main() -> int:
         triton_url = args.triton_url or triton.grpc_url
         port = free_port()
         env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-               "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_LOG_LEVEL": "WARNING"}
+               "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_LOG_LEVEL": "WARNING",
+               "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"}  # loopback bench: explicitly open
         service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env)
         traced, traced_address = None, None
         if args.tracing_overhead:

@@ -93,12 +93,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[3/5] speaking the question with espeak-ng: {args.question!r} -> {question}")
     speak(args.question, question)
 
-    print("[4/5] starting tritonserver and the gRPC service")
+    print("[4/5] starting tritonserver and the gRPC service (on 127.0.0.1 only, plaintext, no API keys: a local "
+          "demo; deployments use TLS and keys, docs/security.md)")
     port, metrics_port = free_port(), free_port()
     with TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=600,
                       log_stream=open(work / "tritonserver.log", "w")) as triton:  # noqa: SIM115
         env = os.environ | {"MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-                            "MOSS_SPEECH_METRICS_PORT": str(metrics_port)}
+                            "MOSS_SPEECH_METRICS_PORT": str(metrics_port), "MOSS_SPEECH_BIND_ADDRESS": "127.0.0.1",
+                            "MOSS_SPEECH_METRICS_BIND_ADDRESS": "127.0.0.1",
+                            "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"}
         with open(work / "service.log", "w") as log:
             service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env,
                                        stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             answer = work / "answer.wav"
             print(f"[5/5] asking over gRPC (StreamConverse), streaming the spoken answer -> {answer}")
             rc = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--audio", str(question),
-                                 "--out", str(answer), "--server", f"127.0.0.1:{port}",
+                                 "--out", str(answer), "--server", f"127.0.0.1:{port}", "--plaintext",
                                  "--max-new-tokens", str(args.max_new_tokens)], check=False).returncode
         finally:
             service.send_signal(signal.SIGTERM)

@@ -88,8 +88,10 @@ async def _serve(triton, ports: dict[str, int], args: argparse.Namespace) -> Non
 
     setup_logging("WARNING", "text")
     extra = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    # The local stack: loopback only, explicitly plaintext and without API keys (said below when it is up).
     service = Service(ServiceSettings(triton_url=triton.grpc_url, grpc_port=ports["grpc"],
-                                      metrics_port=ports["metrics"], **extra), host="127.0.0.1")
+                                      metrics_port=ports["metrics"], bind_address="127.0.0.1", plaintext=True,
+                                      auth="none", **extra), host="127.0.0.1")
     await service.start()
     gateway = RealtimeServer(RealtimeSettings(service_url=f"127.0.0.1:{ports['grpc']}", host="127.0.0.1",
                                               port=ports["realtime"]))
@@ -99,7 +101,7 @@ async def _serve(triton, ports: dict[str, int], args: argparse.Namespace) -> Non
             break
         await asyncio.sleep(0.2)
     rt = ports["realtime"]
-    print("\nMOSS-Speech is up (loopback only):\n"
+    print("\nMOSS-Speech is up (loopback only; plaintext gRPC and no API keys: a local stack, not a deployment):\n"
           f"  tritonserver gRPC       {triton.grpc_url}\n"
           f"  speech gRPC API         127.0.0.1:{ports['grpc']}        (moss_speech.v1.MossSpeech)\n"
           f"  service metrics         http://127.0.0.1:{ports['metrics']}/metrics\n"

@@ -20,10 +20,9 @@ import re
 import secrets
 import threading
 import time
-from contextvars import ContextVar
 from pathlib import Path
 
-from moss_speech.services.logging import get_logger
+from moss_speech.services.logging import get_logger, key_id_var
 
 log = get_logger("auth")
 
@@ -33,7 +32,7 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_KEY_CHARS = 256
 RELOAD_CHECK_SECONDS = 1.0
 
-key_id_var: ContextVar[str] = ContextVar("key_id", default="")  # the caller's key id while serving an RPC
+__all__ = ["ANONYMOUS", "ApiKeys", "AuthError", "KeyFileError", "authenticate", "bearer", "hash_key", "key_id_var"]
 
 
 class AuthError(Exception):

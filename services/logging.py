@@ -15,6 +15,7 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 trace_id_var: ContextVar[str] = ContextVar("trace_id", default="")  # set by services.tracing when on
+key_id_var: ContextVar[str] = ContextVar("key_id", default="")  # the caller's API key id (services.auth), never the key
 
 LOGGER_NAME = "moss_speech.service"
 
@@ -34,6 +35,8 @@ class JsonFormatter(logging.Formatter):
         }
         if trace_id := trace_id_var.get():
             entry["trace_id"] = trace_id
+        if key_id := key_id_var.get():
+            entry["key_id"] = key_id
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -43,6 +46,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = request_id_var.get()
+        if key_id := key_id_var.get():
+            rid = f"{rid or '-'} key={key_id}"
         fields = " ".join(f"{k}={v}" for k, v in (getattr(record, "fields", None) or {}).items())
         line = f"{self.formatTime(record)} {record.levelname} {record.name} [{rid or '-'}] {record.getMessage()}"
         line = f"{line} {fields}" if fields else line

@@ -7,7 +7,7 @@ chart's autoscaling rules are checked against a live `ServiceMetrics().registry`
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS  # the llm model's gauges
@@ -88,5 +88,30 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve /metrics on a background thread (settings.metrics_port)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Serve /metrics (only that path; 404 elsewhere) on a background thread (settings.metrics_port)."""
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        from prometheus_client.exposition import MetricsHandler
+
+        class OnlyMetrics(MetricsHandler.factory(self.registry)):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                super().do_GET()
+
+            def log_message(self, *args) -> None:  # no per-scrape stderr lines
+                pass
+
+        host = addr.strip("[]")
+        server_cls = type("MetricsServer", (ThreadingHTTPServer,), {"daemon_threads": True,
+                                                                  "address_family": _family(host)})
+        httpd = server_cls((host, port), OnlyMetrics)
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+
+
+def _family(host: str) -> int:
+    import socket
+
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import re
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from google.protobuf import duration_pb2, message_factory
-from google.protobuf.message import DecodeError
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 from pydantic import ValidationError
@@ -43,8 +43,9 @@ from moss_speech.contract.sampling import FIELDS as SAMPLING_FIELDS
 from moss_speech.contract.sampling import SamplingParams
 from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
-from moss_speech.services.auth import ApiKeys, AuthError, authenticate, key_id_var
-from moss_speech.services.limits import LimitError, Limiter, Limits
+from moss_speech.services.auth import ApiKeys, AuthError, key_id_var
+from moss_speech.services.guard import MalformedMessage, guarded_handler
+from moss_speech.services.limits import Limiter, LimitError, Limits
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
 from moss_speech.services.sessions import (
@@ -110,6 +111,8 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return e.code, e.message
     if isinstance(e, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED, str(e)
+    if isinstance(e, MalformedMessage):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, LimitError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry in {math.ceil(e.retry_after)} s"
     if isinstance(e, AudioError):
@@ -173,23 +176,81 @@ class TurnOutcome:
 
 class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voice RPCs: services/voices.py
     def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: SessionStore,
-                 metrics: ServiceMetrics) -> None:
+                 metrics: ServiceMetrics, limiter: Limiter | None = None) -> None:
         self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
         self.tracing = Tracing.from_endpoint(settings.otlp_endpoint)  # off (no-op) when the endpoint is empty
         self.voice_ids: list[str] = []  # refreshed by the health loop; [] = Triton does not list them
+        self.served_context: int | None = None  # the llm's max_context, read from Triton (health loop)
+        self.limiter = limiter or Limiter(Limits(settings.max_streams, settings.max_streams_per_key,
+                                                 settings.turns_per_minute_per_key,
+                                                 settings.audio_seconds_per_minute_per_key))
+        # Decoding/resampling is CPU work: off the event loop, on a small pool (calls are bounded by max_streams).
+        self.audio_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="audio-decode")
+        self.key_requests = Counter("moss_speech_key_requests", "RPCs by API key id (never the key) and status.",
+                                    ["key_id", "method", "status"], registry=metrics.registry)
+        self.model_names = (settings.s2s_model, settings.t2s_model, settings.llm_model, settings.vocoder_model,
+                            "speech_encoder", "ensemble")
+
+    # --- limits derived from what is served ---------------------------------------------------------------
+    def max_new_tokens_cap(self) -> int:
+        cap = self.settings.max_new_tokens_limit
+        return min(cap, self.served_context - PROMPT_OVERHEAD_ROWS) if self.served_context else cap
+
+    def history_budget(self, spec: TurnSpec, audio: np.ndarray | None, text: str | None) -> int | None:
+        """History rows this turn can send so that the prompt fits the served context with room for the answer:
+        a conversation drops its oldest turns instead of failing every turn once the context is full."""
+        if not self.served_context:
+            return None
+        user = math.ceil(audio.size / SPEECH_SAMPLES_PER_TOKEN) if audio is not None else len((text or "").encode())
+        system = len(spec.system_prompt.encode())  # tokens <= UTF-8 bytes
+        answer = min(spec.sampling.max_new_tokens, self.served_context // 4)
+        return max(0, self.served_context - PROMPT_OVERHEAD_ROWS - user - system - answer)
+
+    async def decode_audio(self, data: bytes, spec: AudioSpec) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.audio_pool, decode, data, spec, self.settings.max_audio_seconds)
+
+    def account_turn(self, audio: np.ndarray | None) -> None:
+        seconds = audio.size / INPUT_RATE if audio is not None else 0.0
+        self.limiter.turn(key_id_var.get(), seconds)
+
+    # --- sessions of the caller's key ----------------------------------------------------------------------
+    def owned(self, session_id: str):
+        """The caller's session; another key's session is as unknown as one never created (NOT_FOUND)."""
+        if not SESSION_ID_RE.match(session_id):
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, "unknown session (never created, deleted, or evicted "
+                                                          "after its idle TTL)")
+        s = self.sessions.get(session_id)
+        if s.owner != key_id_var.get():
+            raise SessionNotFoundError(session_id)
+        return s
 
     # --- validation ---------------------------------------------------------------------------------------
     def _spec(self, output: int, voice: str, sampling: speech_pb2.Sampling, system_prompt: str,
               session: TurnLease | None) -> TurnSpec:
         if output not in OUTPUTS:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output modality {output}")
+        if len(voice) > MAX_VOICE_CHARS:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"voice id longer than {MAX_VOICE_CHARS} characters")
+        self._check_system_prompt(system_prompt)
         voice = voice or self.settings.default_voice
         if self.voice_ids and voice not in self.voice_ids and not is_created(voice):  # created: require_voice
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}")
         params = sampling_from_proto(sampling, self.settings.sampling_defaults())
+        cap = self.max_new_tokens_cap()
+        if params.max_new_tokens > cap:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"max_new_tokens {params.max_new_tokens} is over the limit of {cap} "
+                               "(max_new_tokens_limit and the served context)")
         system_prompt = system_prompt or (session.session.system_prompt if session else "")
         return TurnSpec(OUTPUTS[output], voice, params, system_prompt)
+
+    def _check_system_prompt(self, prompt: str) -> None:
+        if len(prompt) > self.settings.max_system_prompt_chars:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"system_prompt is {len(prompt)} characters, limit max_system_prompt_chars="
+                               f"{self.settings.max_system_prompt_chars}")
 
     def _text(self, text: str) -> str:
         if not text.strip():
@@ -211,6 +272,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         if not session_id:
             yield None
             return
+        self.owned(session_id)
         with self.sessions.hold(session_id) as lease:
             yield lease
 
@@ -221,7 +283,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         """Yields ("text", str), ("audio", AudioChunk) and finally ("final", TurnOutcome)."""
         t0 = t_input if t_input is not None else time.perf_counter()
         await self.require_voice(spec.voice)  # a created voice: exists and is the caller's, else NOT_FOUND
-        history, dropped = lease.prepare() if lease else (np.zeros((0, 2), np.int64), 0)
+        history, dropped = (lease.prepare(self.history_budget(spec, audio, text)) if lease
+                            else (np.zeros((0, 2), np.int64), 0))
         if dropped:
             self.metrics.context_truncations.inc()
         timeout = self.settings.request_timeout_seconds
@@ -236,8 +299,10 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         audio_samples, seq = 0, 0
         t_first_audio = t_first_text = None
         generated: list[np.ndarray] = []  # the answer's grid rows, so TruncateReply can find them in TURN_ROWS
+        fit = {"history": history, "dropped": dropped}
         try:
-            async for chunk in self.triton.generate(turn, timeout):
+            async for chunk in self._fitting(turn, lease, timeout, fit):
+                history, dropped = fit["history"], fit["dropped"]
                 tt.mark("first_token")
                 if chunk.new_rows is not None:
                     generated.append(chunk.new_rows)
@@ -289,17 +354,43 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         finally:
             tt.close()
 
+    async def _fitting(self, turn: TurnInput, lease: TurnLease | None, timeout: float,
+                       fit: dict[str, Any]) -> AsyncIterator[Any]:
+        """`triton.generate`; when the prompt does not fit the served context before anything streamed (the
+        budget is an estimate), drop older turns and try again: a conversation never gets stuck."""
+        for attempt in range(4):
+            started = False
+            try:
+                async for chunk in self.triton.generate(turn, timeout):
+                    started = True
+                    yield chunk
+                return
+            except TritonCallError as e:
+                if started or lease is None or not len(turn.history) or "does not fit" not in e.message \
+                        or attempt == 3:
+                    raise
+            history, dropped = lease.prepare(len(turn.history) // 2 if attempt < 2 else 0)
+            fit["history"], fit["dropped"] = history, fit["dropped"] + dropped
+            turn = dataclasses.replace(turn, history=history)
+            self.metrics.context_truncations.inc()
+            log.info("prompt over the served context; dropped old turns", extra={"fields": {"dropped": dropped}})
+
     async def _record(self, method: str, mode: str, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method, mode, code.name).inc()
+        self.key_requests.labels(key_id_var.get() or "-", method, code.name).inc()
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, mode: str, e: BaseException,
                     request_id: str) -> None:
         code, message = to_status(e)
+        message = public_message(message, self.model_names)
         await self._record(method, mode, code)
-        level = log.error if code == grpc.StatusCode.INTERNAL else log.info
-        level("request failed", exc_info=code == grpc.StatusCode.INTERNAL,
-              extra={"fields": {"method": method, "status": code.name, "error": message}})
-        await context.abort(code, f"{message} [request_id={request_id}]")
+        internal = code == grpc.StatusCode.INTERNAL
+        (log.error if internal else log.info)("request failed", exc_info=internal, extra={"fields": {
+            "method": method, "status": code.name, "error": message,
+            **({"detail": f"{type(e).__name__}: {e}"} if internal or isinstance(e, TritonCallError) else {})}})
+        details = f"{message} [request_id={request_id}]"
+        trailing = retry_metadata(e.retry_after, details) if isinstance(e, LimitError) else ()
+        await context.abort(code, details, trailing_metadata=trailing)
 
     @staticmethod
     async def _start(context: grpc.aio.ServicerContext) -> str:
@@ -307,6 +398,21 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         request_id_var.set(rid)
         await context.send_initial_metadata((("x-request-id", rid),))
         return rid
+
+    async def _idle_bounded(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The client's messages; a client silent for stream_idle_seconds while we wait for it ends the stream
+        (idle streams cannot pin sessions or call slots). Time spent streaming an answer does not count."""
+        it = aiter(requests)
+        idle = self.settings.stream_idle_seconds
+        while True:
+            try:
+                msg = await asyncio.wait_for(anext(it), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"stream idle: no message for {idle:g} s (stream_idle_seconds)") from None
+            yield msg
 
     # --- RPCs ---------------------------------------------------------------------------------------------
     async def Converse(self, request: speech_pb2.ConverseRequest, context: grpc.aio.ServicerContext):
@@ -318,10 +424,10 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither audio nor text")
             audio = text = None
             if kind == "audio":
-                audio = decode(request.audio.data, self._audio_spec(request.audio.format),
-                               self.settings.max_audio_seconds)
+                audio = await self.decode_audio(request.audio.data, self._audio_spec(request.audio.format))
             else:
                 text = self._text(request.text)
+            self.account_turn(audio)
             t_input = time.perf_counter()
             with self._maybe_hold(request.session_id) as lease:
                 spec = self._spec(request.output, request.voice, request.sampling, request.system_prompt, lease)
@@ -350,8 +456,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         rid = await self._start(context)
         mode = "none"
         self.metrics.active_streams.inc()
+        request_iterator = self._idle_bounded(request_iterator)
         try:
-            first = await anext(aiter(request_iterator), None)
+            first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "config":
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a StreamConfig")
             cfg = first.config
@@ -359,7 +466,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             audio_spec.check()
             with self._maybe_hold(cfg.session_id) as lease:
                 spec = self._spec(cfg.output, cfg.voice, cfg.sampling, cfg.system_prompt, lease)
-                buffer = InputAudioBuffer(audio_spec, self.settings.max_audio_seconds)
+                buffer = InputAudioBuffer(audio_spec, self.settings.max_audio_seconds,
+                                          self.settings.max_audio_buffer_bytes)
                 text: str | None = None
                 turn_index = 0
 
@@ -371,8 +479,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                     if text is not None:
                         turn_text, turn_audio, mode = self._text(text), None, "t2s"
                     else:
-                        turn_text, turn_audio, mode = None, buffer.decode(), "s2s"
+                        turn_text, turn_audio, mode = None, await self.decode_audio(buffer.take(), audio_spec), "s2s"
                     text = None
+                    self.account_turn(turn_audio)
                     turn_id = f"{rid}-{turn_index}"
                     request_id_var.set(turn_id)
                     async for what, value in self._turn(turn_id, spec, lease, context, audio=turn_audio,
@@ -398,6 +507,10 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                         if buffer.size:
                             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "a turn is either text or audio")
                         text = (text or "") + msg.text
+                        if len(text) > self.settings.max_text_chars:
+                            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                               f"streamed text of this turn is over max_text_chars="
+                                               f"{self.settings.max_text_chars}")
                     elif kind == "end_of_turn":
                         async for response in run_turn():
                             yield response
@@ -427,8 +540,11 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def CreateSession(self, request, context):
         rid = await self._start(context)
         try:
-            s = self.sessions.create(system_prompt=request.system_prompt)
-            log.info("session created", extra={"fields": {"session_id": s.session_id}})
+            self._check_system_prompt(request.system_prompt)
+            s = self.sessions.create(system_prompt=request.system_prompt, owner=key_id_var.get(),
+                                     max_per_owner=self.settings.max_sessions_per_key)
+            log.info("session created")  # the id is a bearer of the conversation: DEBUG only
+            log.debug("session id", extra={"fields": {"session_id": s.session_id}})
             await self._record("CreateSession", "none", grpc.StatusCode.OK)
             return self._session_msg(rid, s)
         except Exception as e:  # noqa: BLE001
@@ -437,7 +553,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def GetSession(self, request, context):
         rid = await self._start(context)
         try:
-            s = self.sessions.get(request.session_id)
+            s = self.owned(request.session_id)
             await self._record("GetSession", "none", grpc.StatusCode.OK)
             return self._session_msg(rid, s)
         except Exception as e:  # noqa: BLE001
@@ -446,6 +562,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def DeleteSession(self, request, context):
         rid = await self._start(context)
         try:
+            self.owned(request.session_id)
             self.sessions.delete(request.session_id)
             await self._record("DeleteSession", "none", grpc.StatusCode.OK)
             return speech_pb2.DeleteSessionResponse(request_id=rid, session_id=request.session_id)
@@ -457,9 +574,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         try:
             if request.audio_end_ms < 0:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "audio_end_ms must be >= 0")
+            self.owned(request.session_id)
             kept, removed, history = self.sessions.truncate_reply(request.session_id, request.audio_end_ms)
-            log.info("reply truncated", extra={"fields": {"session_id": request.session_id, "speech_tokens": kept,
-                                                          "removed_rows": removed}})
+            log.info("reply truncated", extra={"fields": {"speech_tokens": kept, "removed_rows": removed}})
             await self._record("TruncateReply", "none", grpc.StatusCode.OK)
             return speech_pb2.TruncateReplyResponse(request_id=rid, session_id=request.session_id,
                                                     speech_tokens=kept, removed_rows=removed,
@@ -471,9 +588,10 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
 class Service:
     """The gRPC server with health, reflection, metrics and a background Triton readiness loop."""
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, host: str = "[::]") -> None:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None,
+                 host: str | None = None) -> None:
         self.settings = settings
-        self.host = host  # `moss-speech up` binds loopback
+        self.host = host or settings.bind_address  # `moss-speech up` binds loopback
         self.metrics = metrics or ServiceMetrics()
         self.triton = TritonClient(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
                                    settings.vocoder_model)
@@ -482,28 +600,75 @@ class Service:
         self.servicer = MossSpeechServicer(settings, self.triton, self.sessions, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.tls: ReloadingCredentials | None = None
+        self.keys: ApiKeys | None = None
         self.port = 0
         self._loop_task: asyncio.Task | None = None
         self.triton_ready = False
 
+    def _security(self) -> None:
+        """Load the key file and the TLS files (a clear error at start-up when they are missing)."""
+        st = self.settings
+        self.keys = ApiKeys(st.api_keys_file) if st.auth == "api_keys" else None
+        if not st.plaintext:
+            self.tls = ReloadingCredentials(st.tls_cert_file, st.tls_key_file, st.tls_client_ca_file)
+
     async def start(self, serve_metrics: bool = True) -> int:
-        limit = self.settings.max_message_bytes
+        st = self.settings
+        self._security()
+        limit = st.max_message_bytes
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", limit)])
-        speech_pb2_grpc.add_MossSpeechServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((guarded_handler(
+            speech_pb2.DESCRIPTOR.services_by_name["MossSpeech"], self.servicer, self.keys,
+            self.servicer.limiter, CALL_METHODS, retry_metadata),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.settings.grpc_port}")
+        if st.reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+                self.server)
+        address = f"{self.host}:{st.grpc_port}"
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if st.health_port:  # plaintext, health only: kubelet gRPC probes cannot speak TLS
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_server.add_insecure_port(f"{self.host}:{st.health_port}")
         await self._set_health(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if serve_metrics:
-            self.metrics.serve(self.settings.metrics_port, addr="0.0.0.0" if self.host == "[::]" else self.host)
+            self.metrics.serve(st.metrics_port, addr=st.metrics_bind_address if self.host == "[::]" else self.host)
         self._loop_task = asyncio.create_task(self._health_loop())
-        log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.settings.metrics_port,
-                                              "triton_url": self.settings.triton_url}})
+        log.info("serving", extra={"fields": {
+            "address": self.host, "port": self.port, "metrics_port": st.metrics_port, "health_port": st.health_port,
+            "tls": self.tls is not None, "mtls": bool(self.tls and st.tls_client_ca_file),
+            "auth": st.auth, "reflection": st.reflection}})
+        if self.tls is None:
+            log.warning("plaintext gRPC (MOSS_SPEECH_PLAINTEXT=true): use only on loopback or a trusted network")
+        if self.keys is None:
+            log.warning("no authentication (MOSS_SPEECH_AUTH=none): anyone who reaches the port can use it")
         return self.port
+
+    async def _read_served_context(self) -> int | None:
+        """The llm's max_context from its `serving` config parameter (what `moss-speech build` wrote)."""
+        import tritonclient.grpc.aio as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.settings.triton_url)
+        try:
+            config = await client.get_model_config(self.settings.llm_model, as_json=True, client_timeout=5.0)
+            raw = config.get("config", {}).get("parameters", {}).get("serving", {}).get("string_value", "")
+            value = int(json.loads(raw).get("max_context", 0)) if raw else 0
+            return value or None
+        except Exception as e:  # noqa: BLE001 - an older repository or Triton going away: keep the settings' budget
+            log.info("served context unknown", extra={"fields": {"error": type(e).__name__}})
+            return None
+        finally:
+            await client.close()
 
     async def _set_health(self, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -517,6 +682,7 @@ class Service:
                 log.info("triton ready" if ready else "triton not ready",
                          extra={"fields": {"triton_url": self.settings.triton_url}})
                 if ready:
+                    self.servicer.served_context = await self._read_served_context()
                     with contextlib.suppress(TritonCallError):
                         self.servicer.voice_ids = await self.triton.voices()
                 else:
@@ -536,6 +702,9 @@ class Service:
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         if self.server:
             await self.server.stop(grace)
+        if self.health_server:
+            await self.health_server.stop(0)
+        self.servicer.audio_pool.shutdown(wait=False, cancel_futures=True)
         await self.triton.close()
         self.servicer.tracing.shutdown()  # flush pending spans
         log.info("stopped")

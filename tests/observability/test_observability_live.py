@@ -61,6 +61,7 @@ def service(triton, receiver, tmp_path_factory) -> Iterator[dict]:
     log_path = tmp_path_factory.mktemp("obs-service") / "service.log"
     env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
            "MOSS_SPEECH_METRICS_PORT": str(metrics_port), "MOSS_SPEECH_LOG_FORMAT": "json",
+           "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none",
            "MOSS_SPEECH_MAX_NEW_TOKENS": "16", "MOSS_SPEECH_REQUEST_TIMEOUT_SECONDS": "3",
            "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3", "MOSS_SPEECH_OTLP_ENDPOINT": receiver.url,
            "OTEL_BSP_SCHEDULE_DELAY": "200"}

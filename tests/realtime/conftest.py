@@ -23,6 +23,7 @@ SERVICE_ENV = {
     "MOSS_SPEECH_MAX_AUDIO_SECONDS": "20",
     "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3",
     "MOSS_SPEECH_LOG_FORMAT": "json",
+    "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none",  # local test stack: explicitly open
 }
 
 

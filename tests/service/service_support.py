@@ -27,6 +27,10 @@ SERVICE_ENV = {
     "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3",
     "MOSS_SPEECH_REQUEST_TIMEOUT_SECONDS": "60",
     "MOSS_SPEECH_LOG_FORMAT": "json",
+    # The shared test service runs without TLS and keys, explicitly (tests/service/test_service_security.py
+    # starts its own secured services).
+    "MOSS_SPEECH_PLAINTEXT": "true",
+    "MOSS_SPEECH_AUTH": "none",
 }
 
 
