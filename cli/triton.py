@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=DEFAULT_PORTS[0])
     p.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS[1])
     p.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS[2])
+    p.add_argument("--bind-address", default="0.0.0.0",
+                   help="interface tritonserver's HTTP, gRPC and metrics ports listen on (default 0.0.0.0, for the "
+                        "container; 127.0.0.1 keeps a local server private)")
     p.add_argument(
         "--server-binary",
         default=None,
@@ -60,6 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
             histogram_latencies=args.histogram_latencies,
             log_verbose=args.log_verbose,
             trace_otlp_url=args.trace_otlp_url,
+            bind_address=args.bind_address,
             extra_args=extra,
             log_stream=sys.stdout,
             ready_timeout=args.ready_timeout,

@@ -131,6 +131,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHM_PREFIX = "moss_triton_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 class TritonServer:
     """A tritonserver child process.
 
@@ -162,6 +175,8 @@ class TritonServer:
         stop_timeout: float = 30.0,
         host: str = "127.0.0.1",
         trace_otlp_url: str | None = None,
+        bind_address: str | None = "127.0.0.1",
+        shm_dir: str | os.PathLike[str] = "/dev/shm",
     ) -> None:
         self.repo = Path(repo).resolve()
         self.http_port = http_port if http_port is not None else free_port()
@@ -179,6 +194,10 @@ class TritonServer:
         self.stop_timeout = stop_timeout
         self.host = host
         self.trace_otlp_url = trace_otlp_url  # OpenTelemetry tracing (trace_args) when set
+        # Interfaces tritonserver listens on (HTTP, gRPC, metrics); None = tritonserver's default (all). Local
+        # stacks keep loopback; the container passes 0.0.0.0 (`moss-speech triton --bind-address`).
+        self.bind_address = bind_address
+        self.shm_dir = Path(shm_dir)
         self.proc: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._log_lock = threading.Lock()
@@ -216,6 +235,11 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
         ]
+        if self.bind_address:
+            cmd += [f"--http-address={self.bind_address}", f"--grpc-address={self.bind_address}",
+                    f"--metrics-address={self.bind_address}"]
+        if not any("shm-region-prefix-name" in a for a in self.extra_args):
+            cmd.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.histogram_latencies:
             cmd.append("--metrics-config=histogram_latencies=true")
         if self.model_control_mode:
@@ -227,10 +251,41 @@ class TritonServer:
             cmd += trace_args(self.trace_otlp_url)
         return cmd + self.extra_args
 
+    # -- Python-backend shared memory -------------------------------------------------------------------------
+    @property
+    def shm_prefix(self) -> str:
+        """Our servers' Python-backend region names: `moss_triton_<launcher pid>_<grpc port>_<uuid>`, so a
+        crashed server's regions can be told apart from a live one's."""
+        return f"{SHM_PREFIX}{os.getpid()}_{self.grpc_port}_"
+
+    def remove_stale_shm(self) -> list[str]:
+        """Remove the regions a crashed server left behind (its process group was SIGKILLed, or the container
+        restarted while /dev/shm survived): ours (same launcher and port: nothing of ours runs yet) and those of
+        launchers that no longer exist. Returns the names removed."""
+        removed = []
+        try:
+            entries = list(self.shm_dir.iterdir())
+        except OSError:
+            return removed
+        for path in entries:
+            name = path.name
+            if not name.startswith(SHM_PREFIX):
+                continue
+            pid_text = name[len(SHM_PREFIX):].split("_", 1)[0]
+            stale = name.startswith(self.shm_prefix) or (pid_text.isdigit() and not _alive(int(pid_text)))
+            if stale:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(name)
+        return removed
+
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, wait: bool = True) -> TritonServer:
         if self.proc is not None:
             raise RuntimeError("already started")
+        if stale := self.remove_stale_shm():
+            with self._log_lock:
+                self._log.append(f"[launcher] removed {len(stale)} stale shared-memory region(s) of a crashed server")
         env = {**os.environ, **self.binary.env, **self.extra_env}
         self.proc = subprocess.Popen(
             self.command(),

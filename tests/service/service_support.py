@@ -70,7 +70,9 @@ class ServiceProcess:
     def health(self) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(self.address) as ch:
+        # A TLS service is probed on its plaintext health-only port (MOSS_SPEECH_HEALTH_PORT), as kubelet does.
+        port = self.env.get("MOSS_SPEECH_HEALTH_PORT")
+        with grpc.insecure_channel(f"localhost:{port}" if port else self.address) as ch:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
             except grpc.RpcError as e:
