@@ -20,14 +20,14 @@ def _init(helm, tmp_path, overrides: str) -> dict:
 def test_default_build_memory_is_derived_from_the_real_checkpoint(helm, tmp_path):
     m = chart_values()["modelRepository"]["build"]["memory"]
     want = math.ceil(m["baseGiB"] + m["perCheckpointGiB"] * m["checkpointGiB"])
-    assert want == 32  # the figure docs/deploy.md gives for the real model (17 GiB bf16 checkpoint)
+    assert want == 55  # the figure docs/deploy.md gives for the real model (17 GiB bf16 checkpoint)
     res = _init(helm, tmp_path, "{}")
     assert res["build"]["limits"]["memory"] == res["build"]["requests"]["memory"] == f"{want}Gi"
     assert res["build"]["limits"]["nvidia.com/gpu"] == 1  # gpu target: engines are built on the pod's GPU
     assert res["build"]["limits"]["memory"] != res["triton"]["limits"]["memory"]  # separate from Triton's
 
 
-@pytest.mark.parametrize(("size", "want"), [(4, "11Gi"), (40.5, "69Gi")])
+@pytest.mark.parametrize(("size", "want"), [(4, "16Gi"), (40.5, "126Gi")])
 def test_build_memory_follows_the_checkpoint_size(helm, tmp_path, size, want):
     res = _init(helm, tmp_path, f"modelRepository:\n  build:\n    memory:\n      checkpointGiB: {size}\n"
                                 "    target: cpu\n")
