@@ -51,12 +51,13 @@ class OrtLLMRuntime(LLMRuntime):
                                                       "attention_mask": mask, "past_kv": past})
         return torch.from_numpy(text), torch.from_numpy(audio), new_kv
 
-    def _prefill(self, slot, grid):
+    def _prefill(self, slot, grid, start=0):
         n = grid.shape[0]
-        empty = np.zeros(self.cache.shape[:2] + (1, self.cache.shape[3], 0, self.cache.shape[5]), self.kv_dtype)
-        text, audio, new_kv = self._run(grid.numpy()[None], np.arange(n, dtype=np.int64)[None],
-                                        np.ones((1, n), np.int64), empty)
-        self.cache[:, :, slot, :, :n] = new_kv[:, :, 0]
+        # The kept prefix's K/V (empty for a fresh slot) as the past; the new rows sit at positions start..
+        past = np.ascontiguousarray(self.cache[:, :, slot:slot + 1, :, :start])
+        text, audio, new_kv = self._run(grid.numpy()[None], np.arange(start, start + n, dtype=np.int64)[None],
+                                        np.ones((1, start + n), np.int64), past)
+        self.cache[:, :, slot, :, start:start + n] = new_kv[:, :, 0]
         return text[0], audio[0]
 
     def _decode(self, slots, rows):

@@ -8,6 +8,9 @@ cancelled jobs (their slots are freed at once). New requests join between steps.
 Each `Update` carries what a client needs from that step: new text tokens and their text, the speech windows
 that became decodable (the vocoder's stateless contract), the new grid rows; the final one adds usage and the
 exchange's history rows.
+
+Prefix reuse: a job that finishes cleanly leaves its slot's K/V cached in the runtime (see `LLMRuntime`); the next
+job whose prompt starts with those rows (the next turn of that conversation) prefills only what follows them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     voice_id: str = "default"
     system_prompt: str | None = None
+    session_id: str | None = None  # prefix-cache key: a conversation reuses only its own cached K/V
 
 
 @dataclass
@@ -63,6 +67,7 @@ class _Job:
     prompt: torch.Tensor
     state: SequenceState
     slot: int = -1
+    cached_rows: int = 0  # prompt rows whose K/V came from the prefix cache
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     speech: list[int] = field(default_factory=list)
@@ -76,8 +81,9 @@ class _Job:
 class Engine:
     def __init__(self, runtime: LLMRuntime, prompts: PromptBuilder, streaming: StreamingConfig | None = None,
                  max_queue: int = 64, on_step: Callable[[int], None] | None = None,
-                 tokens: SpecialTokens | None = None):
+                 tokens: SpecialTokens | None = None, prefix_cache: bool = True):
         self.runtime = runtime
+        runtime.prefix_cache = runtime.prefix_cache and prefix_cache  # a runtime may not support it (TensorRT)
         self.prompts = prompts
         self.tokens = tokens or prompts.tokens  # the checkpoint's ids: stop ids, SOSP/EOSP, pads
         self.streaming = streaming or StreamingConfig()
@@ -113,6 +119,16 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self._running)
+
+    def owns(self, request_id: str) -> bool:
+        """Whether a job with this id is waiting or running here (cancel routing between instances)."""
+        with self._cv:
+            jobs = list(self._running) + list(self._waiting)
+        return any(j.req.request_id == request_id for j in jobs)
+
+    def request_ids(self) -> list[str]:
+        with self._cv:
+            return [j.req.request_id for j in list(self._running) + list(self._waiting)]
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
@@ -169,7 +185,7 @@ class Engine:
         if job.cancelled or job.is_cancelled():
             self._finish(job, cancelled=True)
             return
-        job.slot = self.runtime.acquire()
+        job.slot, job.cached_rows = self.runtime.acquire_for(job.prompt, job.req.session_id)
         self._running.append(job)
         try:
             job.state.begin_step()
@@ -232,7 +248,8 @@ class Engine:
         if job in self._running:
             self._running.remove(job)
         if job.slot >= 0:
-            self.runtime.release(job.slot)
+            # A clean finish keeps the K/V for the conversation's next turn; a failed step may have left it partial.
+            self.runtime.release(job.slot, keep=error is None and not cancelled, key=job.req.session_id)
             job.slot = -1
         update = last or Update()
         update.final = True
@@ -242,6 +259,7 @@ class Engine:
         update.usage = {
             "request_id": job.req.request_id,
             "prompt_tokens": int(job.prompt.shape[0]),
+            "cached_tokens": job.cached_rows,
             "generated_tokens": len(job.state.rows),
             "stop_reason": "cancelled" if cancelled else ("error" if error else job.state.stop_reason),
             "ttft_ms": None if job.first_token_at is None else round((job.first_token_at - job.submitted) * 1e3, 3),

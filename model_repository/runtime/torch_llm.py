@@ -32,7 +32,8 @@ class TorchLLMRuntime(LLMRuntime):
         return cls(MossSpeechForCausalLM.from_pretrained(path, dtype=dtype, device=device), **kw)
 
     @torch.no_grad()
-    def _prefill(self, slot, grid):
+    def _prefill(self, slot, grid, start=0):
+        self.cache.lengths[slot] = start  # rows go after the kept prefix (0 for a fresh slot)
         view = self.cache.view([slot])
         text, audio = self.model(grid[None].to(self.cache.buffer.device), cache=view, last_only=True)
         return text[0].float().cpu(), audio[0].float().cpu()

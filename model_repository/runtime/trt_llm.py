@@ -68,6 +68,12 @@ class TrtLLMRuntime(LLMRuntime):
         self.engine_context = tuple(self.engine.get_tensor_profile_shape("attention_mask",
                                                                          self.decode_profile)[2])[1]
         self.max_prompt = maxima[self.prefill_profile][1]
+        # Prefix reuse prefills the rest of a prompt after a kept past: that needs a profile taking both a past
+        # (> 0) and several new tokens (a chunked-prefill profile). Engines without one serve without the cache.
+        pasts = [tuple(self.engine.get_tensor_profile_shape("past_kv", p)[2])[4]
+                 for p in range(self.engine.num_optimization_profiles)]
+        chunked = [p for p in range(len(maxima)) if maxima[p][1] > 1 and pasts[p] > 0]
+        self.chunk_profile = max(chunked, key=lambda p: (pasts[p], maxima[p][1])) if chunked else None
         if max_context is not None and max_context > self.engine_context:
             raise ValueError(f"max_context {max_context} exceeds the engine's decode profile max of "
                              f"{self.engine_context} tokens")
@@ -90,9 +96,10 @@ class TrtLLMRuntime(LLMRuntime):
         self._text = torch.empty(max(b, 1) * config.vocab_size, dtype=torch.float32, device=dev)
         self._audio = torch.empty(max(b, 1) * config.audio_vocab_size, dtype=torch.float32, device=dev)
 
+        self.prefix_cache = self.chunk_profile is not None
         self.stream = torch.cuda.Stream(device=dev)
         self.contexts = {}
-        for p in {self.decode_profile, self.prefill_profile}:
+        for p in {self.decode_profile, self.prefill_profile} | ({self.chunk_profile} - {None}):
             ctx = self.engine.create_execution_context()
             if not ctx.set_optimization_profile_async(p, self.stream.cuda_stream):
                 raise RuntimeError(f"could not select optimization profile {p}")
@@ -136,18 +143,21 @@ class TrtLLMRuntime(LLMRuntime):
         return super().prefill(slot, grid)
 
     @torch.no_grad()
-    def _prefill(self, slot, grid):
+    def _prefill(self, slot, grid, start=0):
         n = grid.shape[0]
         L, kv, d = self.kv_shape
         with torch.cuda.stream(self.stream):
+            # The kept prefix's K/V as the past (zero volume for a fresh slot: a valid, non-null address).
+            past = self._view(self._past, (L, 2, 1, kv, start, d))
+            if start:
+                past.copy_(self.cache[:, :, slot:slot + 1, :, :start])
             inputs = {"grid": grid[None].to(self.device, non_blocking=False),
-                      "position_ids": torch.arange(n, device=self.device)[None],
-                      "attention_mask": torch.ones(1, n, dtype=torch.long, device=self.device),
-                      # empty past: a valid (non-null) address of zero volume
-                      "past_kv": self._view(self._past, (L, 2, 1, kv, 0, d))}
+                      "position_ids": torch.arange(start, start + n, device=self.device)[None],
+                      "attention_mask": torch.ones(1, start + n, dtype=torch.long, device=self.device),
+                      "past_kv": past}
             out = self._outputs(1, n)
-            self._execute(self.prefill_profile, inputs, out)
-            self.cache[:, :, slot, :, :n].copy_(out["new_kv"][:, :, 0])
+            self._execute(self.chunk_profile if start else self.prefill_profile, inputs, out)
+            self.cache[:, :, slot, :, start:start + n].copy_(out["new_kv"][:, :, 0])
             text, audio = out["text_logits"][0].cpu(), out["audio_logits"][0].cpu()
         self.stream.synchronize()
         return text, audio
