@@ -37,7 +37,10 @@ class XVectorExtractor:
 
 
 def write_tiny_campplus(path: Path, seed: int = 0) -> None:
-    """A random stand-in for CAM++ with the real I/O: mean over time, then a 80 -> 192 affine map."""
+    """A random stand-in for CAM++ with the real I/O: per-bin variance over time, then a 80 -> 192 affine map.
+
+    Not the mean: the input is mean-normalised over time, so its mean is ~0 for every speaker and the x-vector
+    would be the bias whatever the recording (a cloned voice could not differ from the default one)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -46,7 +49,8 @@ def write_tiny_campplus(path: Path, seed: int = 0) -> None:
     b = (0.1 * rng.standard_normal(XVECTOR_DIM)).astype(np.float32)
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
     nodes = [
-        helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("Mul", ["input", "input"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared", "axes"], ["pooled"], keepdims=0),
         helper.make_node("MatMul", ["pooled", "W"], ["proj"]),
         helper.make_node("Add", ["proj", "B"], ["output"]),
     ]
