@@ -2,14 +2,23 @@
 
 Requests only register a job and return; the engine's scheduler thread streams responses. A request whose
 only input is `CANCEL_REQUEST_ID` cancels the job with that request id (Triton 2.51 does not tell a decoupled
-step inside an ensemble that its client cancelled; see docs/contracts.md). Tensor names come from
+step inside an ensemble that its client cancelled; see docs/contracts.md). With several `llm` instances in one
+tritonserver (one per GPU), the control request reaches any of them: an instance that does not own the job posts
+it on a per-server cancel board (marker files in /dev/shm, `CancelBoard`) that every instance polls for its own
+jobs, so the owner stops it within ~20 ms. Tensor names come from
 `moss_speech.contract.tensors`; the window travels as `moss_speech.contract.window.Window`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +27,7 @@ from pydantic import ValidationError
 
 from moss_speech.builders.llm.generate import ContextLengthError
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
+from moss_speech.contract import metrics as M
 from moss_speech.contract import tensors as T
 from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS
 from moss_speech.contract.sampling import SamplingParams
@@ -37,6 +47,39 @@ from moss_speech.model_repository.runtime.scheduler import Engine, QueueFullErro
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 NO_ROWS = np.zeros((1, 0, 2), dtype=np.int64)
+CANCEL_POLL_SECONDS = 0.02
+CANCEL_MARKER_TTL = 60.0  # markers nobody took (the job had already ended) are dropped after this
+
+
+class CancelBoard:
+    """Cancel requests shared by the `llm` instances of one tritonserver: one marker file per request id in a
+    directory named after the server's pid (instances are processes of that server; two servers on one host do
+    not share a board)."""
+
+    def __init__(self, model: str, root: str | None = None):
+        base = Path(root or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()))
+        self.dir = base / f"moss-speech-cancel-{os.getppid()}-{model}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, request_id: str) -> Path:
+        return self.dir / hashlib.sha256(request_id.encode()).hexdigest()[:32]
+
+    def post(self, request_id: str) -> None:
+        self._path(request_id).touch()
+        now = time.time()
+        for old in self.dir.iterdir():
+            try:
+                if now - old.stat().st_mtime > CANCEL_MARKER_TTL:
+                    old.unlink()
+            except FileNotFoundError:
+                pass
+
+    def take(self, request_id: str) -> bool:
+        try:
+            self._path(request_id).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
 
 class TritonPythonModel:
@@ -53,9 +96,50 @@ class TritonPythonModel:
                                                   kind=pb_utils.MetricFamily.GAUGE)
         self.slots_gauge = self.slots_family.Metric(labels={"model": T.LLM.name})
         self.slots_gauge.set(serving.max_slots)
-        self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self.gauge.set,
+        self._cache_metrics()
+        self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self._on_step,
                              tokens=prompts.tokens)
         self.engine.start()
+        self.board = CancelBoard(args.get("model_name", T.LLM.name))
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_cancels, name="llm-cancel-board", daemon=True)
+        self._watcher.start()
+
+    def _cache_metrics(self) -> None:
+        labels = {"model": T.LLM.name}
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.cache_families = [
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_HITS, description="prompts that reused a cached prefix",
+                                  kind=counter),
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_MISSES, description="prompts computed from the start",
+                                  kind=counter),
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_EVICTIONS, description="cached prefixes evicted",
+                                  kind=counter),
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_REUSED_ROWS, description="prompt rows not recomputed",
+                                  kind=counter),
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_ROWS, description="rows held by cached prefixes",
+                                  kind=gauge),
+        ]
+        self.cache_metrics = [f.Metric(labels=labels) for f in self.cache_families]
+        self._cache_seen = (0, 0, 0, 0)
+
+    def _on_step(self, active: int) -> None:
+        self.gauge.set(active)
+        rt = self.engine.runtime
+        st = rt.cache_stats
+        now = (st.hits, st.misses, st.evictions, st.reused_rows)
+        for metric, new, old in zip(self.cache_metrics, now, self._cache_seen, strict=False):
+            if new > old:
+                metric.increment(new - old)
+        self._cache_seen = now
+        self.cache_metrics[4].set(rt.cached_rows)
+
+    def _watch_cancels(self) -> None:
+        """Take cancel markers other instances posted for this instance's jobs."""
+        while not self._stop.wait(CANCEL_POLL_SECONDS):
+            for request_id in self.engine.request_ids():
+                if self.board.take(request_id):
+                    self.engine.cancel(request_id)
 
     def execute(self, requests):
         for request in requests:
@@ -63,7 +147,10 @@ class TritonPythonModel:
             try:
                 cancel_id = string_input(pb_utils, request, T.CANCEL_REQUEST_ID.name)
                 if cancel_id is not None:
-                    self.engine.cancel(cancel_id)
+                    if self.engine.owns(cancel_id):
+                        self.engine.cancel(cancel_id)
+                    else:  # another instance of this server may own it (several GPUs)
+                        self.board.post(cancel_id)
                     sender.send(flags=FINAL)
                     continue
                 job = self._request(request)
@@ -97,9 +184,11 @@ class TritonPythonModel:
         sampling = SamplingParams.from_json(string_input(pb_utils, request, T.SAMPLING.name))
         return Request(request_id, turn, output, history, sampling,
                        voice_id=string_input(pb_utils, request, T.VOICE.name) or "default",
-                       system_prompt=string_input(pb_utils, request, T.SYSTEM_PROMPT.name) or None)
+                       system_prompt=string_input(pb_utils, request, T.SYSTEM_PROMPT.name) or None,
+                       session_id=str(params.get("session_id") or "") or None)
 
     def finalize(self):
+        self._stop.set()
         self.engine.stop()
 
 
