@@ -147,3 +147,18 @@ def test_fp16_graph_runs_in_onnxruntime_close_to_fp32(tiny_llm_onnx_fp16, tiny_m
 def test_bad_dtype_is_refused(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         export_llm_onnx(tiny_model, tmp_path / "x.onnx", dtype=torch.int8)
+
+
+def test_one_implementation_of_the_step():
+    """The graph is the model's own `step` (no second copy of the math in the exporter), and the LLM runtimes
+    never import the exporters."""
+    import inspect
+
+    from moss_speech.builders.export import onnx_llm
+    from moss_speech.model_repository.runtime import base, factory, ort_llm, torch_llm, trt_llm
+
+    source = inspect.getsource(onnx_llm)
+    assert "model.step(" in source and "shared_block" not in source and "rope_tables" not in source
+    for module in (base, factory, ort_llm, torch_llm, trt_llm):
+        text = inspect.getsource(module)
+        assert "from moss_speech.builders.export" not in text and "import moss_speech.builders.export" not in text
