@@ -48,12 +48,12 @@ from moss_speech.services.guard import MalformedMessage, guarded_handler
 from moss_speech.services.limits import Limiter, LimitError, Limits
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
+from moss_speech.services.session_store import AsyncSessionStore, SessionStoreUnavailableError, make_session_store
 from moss_speech.services.sessions import (
     NoReplyError,
     SessionBusyError,
     SessionLimitError,
     SessionNotFoundError,
-    SessionStore,
     TurnLease,
 )
 from moss_speech.services.settings import ServiceSettings
@@ -71,6 +71,7 @@ ENCODINGS = {
 OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
            speech_pb2.OUTPUT_MODALITY_TEXT: "text"}
 CALL_METHODS = ("Converse", "StreamConverse")  # the calls that count against the concurrent-call limits
+LIVENESS_SERVICE = "liveness"  # grpc.health.v1 service name of the liveness probe
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # what SessionStore.create hands out
 MAX_VOICE_CHARS = 128
 SPEECH_SAMPLES_PER_TOKEN = INPUT_RATE * 2 // 25  # 12.5 Hz speech codes
@@ -109,6 +110,8 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised while serving a request."""
     if isinstance(e, ServiceError):
         return e.code, e.message
+    if isinstance(e, SessionStoreUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED, str(e)
     if isinstance(e, MalformedMessage):
@@ -175,7 +178,7 @@ class TurnOutcome:
 
 
 class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voice RPCs: services/voices.py
-    def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: SessionStore,
+    def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: AsyncSessionStore,
                  metrics: ServiceMetrics, limiter: Limiter | None = None) -> None:
         self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
         self.tracing = Tracing.from_endpoint(settings.otlp_endpoint)  # off (no-op) when the endpoint is empty
@@ -215,12 +218,12 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         self.limiter.turn(key_id_var.get(), seconds)
 
     # --- sessions of the caller's key ----------------------------------------------------------------------
-    def owned(self, session_id: str):
+    async def owned(self, session_id: str):
         """The caller's session; another key's session is as unknown as one never created (NOT_FOUND)."""
         if not SESSION_ID_RE.match(session_id):
             raise ServiceError(grpc.StatusCode.NOT_FOUND, "unknown session (never created, deleted, or evicted "
                                                           "after its idle TTL)")
-        s = self.sessions.get(session_id)
+        s = await self.sessions.get(session_id)
         if s.owner != key_id_var.get():
             raise SessionNotFoundError(session_id)
         return s
@@ -267,13 +270,13 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             raise AudioError("bad_format", f"unknown audio encoding {fmt.encoding}")
         return AudioSpec(ENCODINGS[fmt.encoding], fmt.sample_rate, fmt.channels or 1)
 
-    @contextlib.contextmanager
-    def _maybe_hold(self, session_id: str):
+    @contextlib.asynccontextmanager
+    async def _maybe_hold(self, session_id: str):
         if not session_id:
             yield None
             return
-        self.owned(session_id)
-        with self.sessions.hold(session_id) as lease:
+        await self.owned(session_id)
+        async with self.sessions.hold(session_id) as lease:
             yield lease
 
     # --- one turn -----------------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         """Yields ("text", str), ("audio", AudioChunk) and finally ("final", TurnOutcome)."""
         t0 = t_input if t_input is not None else time.perf_counter()
         await self.require_voice(spec.voice)  # a created voice: exists and is the caller's, else NOT_FOUND
-        history, dropped = (lease.prepare(self.history_budget(spec, audio, text)) if lease
+        history, dropped = (await lease.prepare(self.history_budget(spec, audio, text)) if lease
                             else (np.zeros((0, 2), np.int64), 0))
         if dropped:
             self.metrics.context_truncations.inc()
@@ -319,7 +322,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                     seq += 1
                 if chunk.final:
                     if lease and chunk.turn_rows is not None:
-                        lease.commit(chunk.turn_rows, np.concatenate(generated) if generated else None, spec.output)
+                        await lease.commit(chunk.turn_rows, np.concatenate(generated) if generated else None,
+                                           spec.output)
                     usage = chunk.usage
                     out.usage = speech_pb2.Usage(
                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -369,7 +373,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                 if started or lease is None or not len(turn.history) or "does not fit" not in e.message \
                         or attempt == 3:
                     raise
-            history, dropped = lease.prepare(len(turn.history) // 2 if attempt < 2 else 0)
+            history, dropped = await lease.prepare(len(turn.history) // 2 if attempt < 2 else 0)
             fit["history"], fit["dropped"] = history, fit["dropped"] + dropped
             turn = dataclasses.replace(turn, history=history)
             self.metrics.context_truncations.inc()
@@ -429,7 +433,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                 text = self._text(request.text)
             self.account_turn(audio)
             t_input = time.perf_counter()
-            with self._maybe_hold(request.session_id) as lease:
+            async with self._maybe_hold(request.session_id) as lease:
                 spec = self._spec(request.output, request.voice, request.sampling, request.system_prompt, lease)
                 texts, pcm = [], []
                 outcome = TurnOutcome()
@@ -464,7 +468,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             cfg = first.config
             audio_spec = self._audio_spec(cfg.input_format)
             audio_spec.check()
-            with self._maybe_hold(cfg.session_id) as lease:
+            async with self._maybe_hold(cfg.session_id) as lease:
                 spec = self._spec(cfg.output, cfg.voice, cfg.sampling, cfg.system_prompt, lease)
                 buffer = InputAudioBuffer(audio_spec, self.settings.max_audio_seconds,
                                           self.settings.max_audio_buffer_bytes)
@@ -541,7 +545,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         rid = await self._start(context)
         try:
             self._check_system_prompt(request.system_prompt)
-            s = self.sessions.create(system_prompt=request.system_prompt, owner=key_id_var.get(),
+            s = await self.sessions.create(system_prompt=request.system_prompt, owner=key_id_var.get(),
                                      max_per_owner=self.settings.max_sessions_per_key)
             log.info("session created")  # the id is a bearer of the conversation: DEBUG only
             log.debug("session id", extra={"fields": {"session_id": s.session_id}})
@@ -553,7 +557,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def GetSession(self, request, context):
         rid = await self._start(context)
         try:
-            s = self.owned(request.session_id)
+            s = await self.owned(request.session_id)
             await self._record("GetSession", "none", grpc.StatusCode.OK)
             return self._session_msg(rid, s)
         except Exception as e:  # noqa: BLE001
@@ -562,8 +566,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def DeleteSession(self, request, context):
         rid = await self._start(context)
         try:
-            self.owned(request.session_id)
-            self.sessions.delete(request.session_id)
+            await self.owned(request.session_id)
+            await self.sessions.delete(request.session_id)
             await self._record("DeleteSession", "none", grpc.StatusCode.OK)
             return speech_pb2.DeleteSessionResponse(request_id=rid, session_id=request.session_id)
         except Exception as e:  # noqa: BLE001
@@ -574,8 +578,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         try:
             if request.audio_end_ms < 0:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "audio_end_ms must be >= 0")
-            self.owned(request.session_id)
-            kept, removed, history = self.sessions.truncate_reply(request.session_id, request.audio_end_ms)
+            await self.owned(request.session_id)
+            kept, removed, history = await self.sessions.truncate_reply(request.session_id, request.audio_end_ms)
             log.info("reply truncated", extra={"fields": {"speech_tokens": kept, "removed_rows": removed}})
             await self._record("TruncateReply", "none", grpc.StatusCode.OK)
             return speech_pb2.TruncateReplyResponse(request_id=rid, session_id=request.session_id,
@@ -595,8 +599,7 @@ class Service:
         self.metrics = metrics or ServiceMetrics()
         self.triton = TritonClient(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
                                    settings.vocoder_model)
-        self.sessions = SessionStore(settings.session_ttl_seconds, settings.max_sessions,
-                                     settings.max_context_tokens, on_change=self.metrics.sessions.set)
+        self.sessions = make_session_store(settings, on_change=self.metrics.sessions.set)
         self.servicer = MossSpeechServicer(settings, self.triton, self.sessions, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -638,6 +641,9 @@ class Service:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_server.add_insecure_port(f"{self.host}:{st.health_port}")
         await self._set_health(False)
+        # Liveness is the process's own health (its event loop answers), never Triton's: a Triton outage must not
+        # restart orchestrators. Readiness ('' and the API's name) follows Triton.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -690,7 +696,8 @@ class Service:
             self.triton_ready = ready
             self.metrics.triton_ready.set(1.0 if ready else 0.0)
             await self._set_health(ready)
-            self.sessions.evict_expired()
+            with contextlib.suppress(SessionStoreUnavailableError):
+                await self.sessions.evict_expired()
             await asyncio.sleep(self.settings.health_check_seconds)
 
     async def stop(self, grace: float | None = None) -> None:

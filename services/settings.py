@@ -43,7 +43,11 @@ class ServiceSettings(BaseSettings):
     # --- network --------------------------------------------------------------------------------------
     triton_url: str = Field(
         "localhost:8001", min_length=1,
-        description="Triton gRPC endpoint `host:port` (the chart points it at its Triton Service).")
+        description="Triton gRPC endpoints: `host:port`, a comma list of them, or `dns:///name:port` (every address "
+                    "of a headless Service, re-resolved every `triton_resolve_seconds`). Requests are spread over "
+                    "them: a session's turns stay on one replica (rendezvous hashing), others go to the least loaded.")
+    triton_resolve_seconds: float = Field(
+        10.0, gt=0, description="Interval of re-resolving a `dns:///` Triton name (pods that come and go), seconds.")
     grpc_port: int = Field(
         50051, ge=1, le=65535, description="Port of the public gRPC API and `grpc.health.v1`.")
     metrics_port: int = Field(
@@ -115,6 +119,20 @@ class ServiceSettings(BaseSettings):
         4096, ge=64,
         description="History budget per session in LLM positions; older turns are truncated first.")
 
+    sessions_backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where sessions live: `memory` (this process; one replica only) or `redis` (shared by every "
+                    "replica, survives restarts).")
+    redis_url: str = Field(
+        "", pattern=r"^$|^rediss?://",
+        description="Redis URL for `sessions_backend=redis` (`redis://[:password@]host:6379/0`; the chart reads it "
+                    "from a Secret).")
+    redis_key_prefix: str = Field("moss-speech:", description="Prefix of every Redis key the service writes.")
+    session_lock_lease_seconds: float = Field(
+        30.0, gt=0,
+        description="Lease of a session's cross-replica busy lock, renewed while a turn runs; a crashed replica's "
+                    "lock expires after it, seconds.")
+
     # --- lifecycle ------------------------------------------------------------------------------------
     drain_seconds: float = Field(
         30.0, ge=0,
@@ -164,6 +182,8 @@ class ServiceSettings(BaseSettings):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        if self.sessions_backend == "redis" and not self.redis_url:
+            raise ValueError("sessions_backend=redis needs redis_url (MOSS_SPEECH_REDIS_URL)")
         ports = [p for p in (self.grpc_port, self.metrics_port, self.health_port) if p]
         if len(set(ports)) != len(ports):
             raise ValueError(f"grpc_port, metrics_port and health_port must differ, got {ports}")
