@@ -70,10 +70,11 @@ def decode_recording(audio: speech_pb2.AudioInput, limits: VoiceLimits) -> tuple
     data = bytes(audio.data)
     if not data:
         raise VoiceRecordingError("recording is empty")
-    # decode a little past the limit so a long recording gets check_recording's "too long" message
-    decode_limits = AudioLimits(max_seconds=2 * limits.max_seconds, max_bytes=spec.max_bytes(2 * limits.max_seconds))
     try:
         spec.check()
+        # decode a little past the limit so a long recording gets check_recording's "too long" message
+        decode_limits = AudioLimits(max_seconds=2 * limits.max_seconds,
+                                    max_bytes=spec.max_bytes(2 * limits.max_seconds))
         if spec.encoding == "container":
             import soundfile as sf
 

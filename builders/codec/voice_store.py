@@ -84,10 +84,8 @@ class VoiceStore:
         return record
 
     def exists(self, voice_id: str) -> bool:
-        try:
-            return self._paths(voice_id)[1].is_file()
-        except KeyError:
-            return False
+        """One stat (the vocoder asks once per window)."""
+        return is_created(voice_id) and os.path.isfile(f"{self.dir}/{voice_id}.json")
 
     def record(self, voice_id: str) -> VoiceRecord:
         """Raises KeyError for an unknown (or deleted) voice."""
