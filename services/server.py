@@ -60,6 +60,7 @@ from moss_speech.services.settings import ServiceSettings
 from moss_speech.services.tls import ReloadingCredentials
 from moss_speech.services.tracing import Tracing
 from moss_speech.services.triton_client import TritonCallError, TritonClient, TurnInput
+from moss_speech.services.triton_pool import TritonPool
 from moss_speech.services.voices import VoiceRPCs, is_created
 
 log = get_logger("server")
@@ -143,12 +144,12 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-def retry_metadata(retry_after: float) -> tuple[tuple[str, str | bytes], ...]:
+def retry_metadata(retry_after: float, message: str) -> tuple[tuple[str, str | bytes], ...]:
     """`retry-after-ms` and a google.rpc.Status with RetryInfo (what grpcio-status clients read)."""
     ms = max(1, math.ceil(1000 * retry_after))
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
                                                                           nanos=(ms % 1000) * 1_000_000))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="retry later")
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)  # = the call's details
     status.details.add().Pack(info)
     return (("retry-after-ms", str(ms)), ("grpc-status-details-bin", status.SerializeToString()))
 
@@ -246,6 +247,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"max_new_tokens {params.max_new_tokens} is over the limit of {cap} "
                                "(max_new_tokens_limit and the served context)")
+        if params.min_new_tokens > params.max_new_tokens:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "min_new_tokens is larger than max_new_tokens")
         system_prompt = system_prompt or (session.session.system_prompt if session else "")
         return TurnSpec(OUTPUTS[output], voice, params, system_prompt)
 
@@ -297,7 +300,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         tt = self.tracing.start_turn(request_id, "s2s" if audio is not None else "t2s", started=t0)
         turn = TurnInput(request_id=request_id, history=history, output=spec.output, sampling=spec.sampling,
                          voice=spec.voice, system_prompt=spec.system_prompt, audio=audio, text=text,
-                         trace_headers=tt.headers())
+                         trace_headers=tt.headers(), session_id=lease.session.session_id if lease else "")
         out = TurnOutcome()
         audio_samples, seq = 0, 0
         t_first_audio = t_first_text = None
@@ -597,8 +600,9 @@ class Service:
         self.settings = settings
         self.host = host or settings.bind_address  # `moss-speech up` binds loopback
         self.metrics = metrics or ServiceMetrics()
-        self.triton = TritonClient(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
-                                   settings.vocoder_model)
+        # One client per Triton endpoint, requests balanced over them (services/triton_pool.py).
+        self.triton = TritonPool(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
+                                 settings.vocoder_model, resolve_seconds=settings.triton_resolve_seconds)
         self.sessions = make_session_store(settings, on_change=self.metrics.sessions.set)
         self.servicer = MossSpeechServicer(settings, self.triton, self.sessions, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -664,7 +668,7 @@ class Service:
         """The llm's max_context from its `serving` config parameter (what `moss-speech build` wrote)."""
         import tritonclient.grpc.aio as grpcclient
 
-        client = grpcclient.InferenceServerClient(self.settings.triton_url)
+        client = grpcclient.InferenceServerClient(self.triton.client().url)
         try:
             config = await client.get_model_config(self.settings.llm_model, as_json=True, client_timeout=5.0)
             raw = config.get("config", {}).get("parameters", {}).get("serving", {}).get("string_value", "")

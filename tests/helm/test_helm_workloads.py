@@ -139,9 +139,9 @@ def test_orchestrator_env_is_the_settings(rendered, monkeypatch, values_set: str
 
     # Ports, probes and Services follow the settings.
     ports = {p["name"]: p["containerPort"] for p in orch["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert orch[probe]["grpc"]["port"] == settings.grpc_port
+    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port, "health": settings.health_port}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # the plaintext health-only port (TLS on grpc)
+        assert orch[probe]["grpc"]["port"] == settings.health_port
     assert orch["command"] == ["moss-speech", "serve"]
 
 

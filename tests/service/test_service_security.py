@@ -127,6 +127,7 @@ def test_keys_missing_wrong_and_right(secured) -> None:
             assert code == grpc.StatusCode.UNAUTHENTICATED, bad
         assert _health(ch) == "SERVING"  # health is exempt
         stub.ListVoices(pb.ListVoicesRequest(), timeout=10, metadata=bearer(secured.keys["alice"]))
+        _ask(stub, secured.keys["alice"])  # a turn logs "turn done" with the caller's key id
     logs = secured.proc.logs()
     assert secured.keys["alice"] not in logs and secured.keys["bob"] not in logs
     assert '"key_id": "alice"' in logs

@@ -87,6 +87,9 @@ which an int field cannot parse: whole numbers are printed as integers.
 {{- if not (hasKey $s "triton_url") -}}
 {{- $_ := set $s "triton_url" (include "moss-speech.tritonAddress" .) -}}
 {{- end -}}
+{{- if not $s.health_port -}}
+{{- $_ := set $s "health_port" (int .Values.orchestrator.healthPort) -}}
+{{- end -}}
 {{- if and .Values.tracing.enabled (not $s.otlp_endpoint) -}}
 {{- $_ := set $s "otlp_endpoint" (required "tracing.otlpEndpoint is required when tracing.enabled" .Values.tracing.otlpEndpoint) -}}
 {{- end -}}
