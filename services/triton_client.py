@@ -104,6 +104,7 @@ class TurnInput:
     audio: np.ndarray | None = None  # float32 16 kHz mono -> s2s
     text: str | None = None  # -> t2s
     trace_headers: dict[str, str] | None = None  # W3C traceparent for Triton's tracing (services.tracing)
+    session_id: str = ""  # routes the turn (services.triton_pool) and keys the llm's KV prefix cache
 
 
 @dataclass
@@ -255,8 +256,10 @@ class TritonClient:
         finished = asyncio.Event()
 
         async def requests():
-            yield {"model_name": model, "inputs": inputs, "request_id": turn.request_id,
-                   "parameters": {"request_id": turn.request_id, "triton_enable_empty_final_response": True}}
+            params = {"request_id": turn.request_id, "triton_enable_empty_final_response": True}
+            if turn.session_id:
+                params["session_id"] = turn.session_id
+            yield {"model_name": model, "inputs": inputs, "request_id": turn.request_id, "parameters": params}
             await finished.wait()  # keep our side open until the final response
 
         # The turn's deadline is kept here, not as the stream's gRPC deadline: a deadline cancels the stream.
