@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from moss_speech.services.auth import ApiKeys, AuthError, authenticate
 from moss_speech.services.logging import get_logger, setup_logging
 from moss_speech.services.realtime.bridge import Bridge
 from moss_speech.services.realtime.connection import Connection
@@ -41,6 +42,8 @@ class RealtimeServer:
         self.settings = settings
         self.metrics = RealtimeMetrics()
         self.bridge = Bridge(settings.service_url)
+        # The service's key check at the handshake (services.auth), when the gateway has the key file.
+        self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.active = 0
         self.ready = False
         self.port = 0
@@ -77,6 +80,12 @@ class RealtimeServer:
         if path.rstrip("/").endswith("/realtime"):
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return _response(HTTPStatus.UPGRADE_REQUIRED, b"/v1/realtime is a WebSocket endpoint\n")
+            if self.keys is not None:
+                try:
+                    authenticate(request.headers.get("Authorization"), self.keys)
+                except AuthError:
+                    self.metrics.rejected.labels("unauthenticated").inc()
+                    return _response(HTTPStatus.UNAUTHORIZED, b"missing or invalid API key\n")
             if self.active >= self.settings.max_connections:
                 self.metrics.rejected.labels("max_connections").inc()
                 return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"too many realtime connections\n")

@@ -29,5 +29,8 @@ class RealtimeSettings(BaseSettings):
     vad_threshold: float = Field(0.5, ge=0, le=1, description="Default server-VAD speech probability threshold.")
     vad_prefix_padding_ms: int = Field(300, ge=0, le=5000, description="Default audio kept before speech starts.")
     vad_silence_duration_ms: int = Field(500, ge=0, le=10000, description="Default silence that ends a turn.")
+    api_keys_file: str = Field(
+        "", description="Key hashes (the service's `api_keys_file`): when set, the WebSocket handshake needs "
+                        "`Authorization: Bearer <key>` (HTTP 401 otherwise); the key also travels to the service.")
     log_level: str = Field("INFO", description="Lowest level of log records.")
     log_format: str = Field("json", description="json | text")

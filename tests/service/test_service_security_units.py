@@ -141,3 +141,23 @@ def test_launcher_binds_what_it_is_told_and_removes_stale_shm(tmp_path) -> None:
     removed = srv.remove_stale_shm()
     assert sorted(removed) == sorted(n for n, keep in names.items() if not keep)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(n for n, k in names.items() if k)
+
+
+def test_realtime_gateway_checks_the_same_keys_at_the_handshake(tmp_path) -> None:
+    """The gateway's WebSocket handshake uses services.auth.authenticate with the service's key file."""
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    from moss_speech.services.realtime.server import RealtimeServer
+    from moss_speech.services.realtime.settings import RealtimeSettings
+
+    (tmp_path / "keys").write_text(f"web:{hash_key('k-web')}\n")
+    gw = RealtimeServer(RealtimeSettings(api_keys_file=str(tmp_path / "keys")))
+
+    def handshake(auth: str | None):
+        headers = Headers([("Upgrade", "websocket")] + ([("Authorization", auth)] if auth else []))
+        return gw._process_request(None, Request("/v1/realtime", headers))
+
+    assert handshake(None).status_code == 401
+    assert handshake("Bearer wrong").status_code == 401
+    assert handshake("Bearer k-web") is None  # accepted: the handshake proceeds
