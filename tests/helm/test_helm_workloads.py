@@ -135,7 +135,10 @@ def test_orchestrator_env_is_the_settings(rendered, monkeypatch, values_set: str
     if "triton_url" not in values:
         service = component(docs, "Service", "triton")
         port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-        assert settings.triton_url == f"{service['metadata']['name']}:{port}"
+        target = f"{service['metadata']['name']}:{port}"
+        if f"{service['metadata']['name']}-headless" in by_kind(docs, "Service"):  # dns:/// over every pod
+            target = f"dns:///{service['metadata']['name']}-headless.speech.svc:{port}"
+        assert settings.triton_url == target
 
     # Ports, probes and Services follow the settings.
     ports = {p["name"]: p["containerPort"] for p in orch["ports"]}

@@ -54,8 +54,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
 {{- end -}}
 
+{{/* The orchestrator's Triton target: with the headless Service, `dns:///` over every Triton pod (the service
+balances requests itself, services/triton_pool.py: a ClusterIP Service would pin one connection to one pod). */}}
 {{- define "moss-speech.tritonAddress" -}}
-{{- printf "%s:%d" (include "moss-speech.componentName" (dict "root" . "component" "triton")) (int .Values.triton.ports.grpc) -}}
+{{- $name := include "moss-speech.componentName" (dict "root" . "component" "triton") -}}
+{{- if .Values.triton.service.headless -}}
+{{- printf "dns:///%s-headless.%s.svc:%d" $name .Release.Namespace (int .Values.triton.ports.grpc) -}}
+{{- else -}}
+{{- printf "%s:%d" $name (int .Values.triton.ports.grpc) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A Deployment strategy: `rollingUpdate` only with type RollingUpdate (values merge would keep the default's). */}}
+{{- define "moss-speech.strategy" -}}
+type: {{ .type | default "RollingUpdate" }}
+{{- if and (eq (.type | default "RollingUpdate") "RollingUpdate") .rollingUpdate }}
+rollingUpdate:
+  {{- toYaml .rollingUpdate | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "moss-speech.modelClaim" -}}
