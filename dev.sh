@@ -11,11 +11,11 @@ VENV=${MOSS_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 system_packages() {
-  # espeak-ng + sox: spoken test questions; libsndfile1: soundfile; libb64-0d: Triton's perf_analyzer.
+  # espeak-ng + sox: spoken test questions; libsndfile1: soundfile; libb64-0d: Triton's perf_analyzer. redis-server: the Redis session-store tests (started on their own ports, never the system service).
   # prometheus (+ promtool): the observability tests run it on loopback with their own config, never the service.
   local need=()
   # chromium: the realtime page's headless browser test (tests/realtime/test_realtime_page.py).
-  for pkg in espeak-ng sox libsndfile1 libb64-0d prometheus chromium; do
+  for pkg in espeak-ng sox libsndfile1 libb64-0d prometheus chromium redis-server; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
