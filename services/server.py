@@ -74,6 +74,7 @@ OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_M
 CALL_METHODS = ("Converse", "StreamConverse")  # the calls that count against the concurrent-call limits
 LIVENESS_SERVICE = "liveness"  # grpc.health.v1 service name of the liveness probe
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # what SessionStore.create hands out
+SESSION_IN_TEXT_RE = re.compile(r"\b[0-9a-f]{32}\b")  # session ids are bearer tokens of a conversation: not logged
 MAX_VOICE_CHARS = 128
 SPEECH_SAMPLES_PER_TOKEN = INPUT_RATE * 2 // 25  # 12.5 Hz speech codes
 # Rows of a turn's prompt that are not history: the default system prompt (the reference appends it), the
@@ -393,7 +394,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         await self._record(method, mode, code)
         internal = code == grpc.StatusCode.INTERNAL
         (log.error if internal else log.info)("request failed", exc_info=internal, extra={"fields": {
-            "method": method, "status": code.name, "error": message,
+            "method": method, "status": code.name, "error": SESSION_IN_TEXT_RE.sub("<session>", message),
             **({"detail": f"{type(e).__name__}: {e}"} if internal or isinstance(e, TritonCallError) else {})}})
         details = f"{message} [request_id={request_id}]"
         trailing = retry_metadata(e.retry_after, details) if isinstance(e, LimitError) else ()
