@@ -32,6 +32,7 @@ def streamed(codec):
     return codec.decode_streaming(CODES)
 
 
+@pytest.mark.slow
 def test_offline_length_and_sanity(codec, offline):
     assert offline.dtype == np.float32 and offline.shape == (len(CODES) * 1920,)
     assert np.isfinite(offline).all() and offline.std() > 1e-4 and np.abs(offline).max() <= 0.99
@@ -40,6 +41,7 @@ def test_offline_length_and_sanity(codec, offline):
     assert snr_db(offline[15 * 1920 :], other[15 * 1920 :]) < 10  # tokens matter
 
 
+@pytest.mark.slow
 def test_streamed_matches_offline_within_bound(codec, offline, streamed):
     assert streamed.shape == offline.shape
     assert snr_db(offline, streamed) >= MIN_STREAM_SNR_DB
@@ -62,6 +64,7 @@ def test_no_clicks_at_chunk_boundaries(codec, streamed):
     assert all(jumps[b - 1] <= limit for b in bounds), ([jumps[b - 1] for b in bounds], limit)
 
 
+@pytest.mark.slow
 def test_decode_chunk_returns_exactly_the_chunk_and_is_stateless(tiny_codec_dir, codec, streamed):
     windows = ready_windows(CODES, 0, True, codec.streaming)
     assert windows[-1].finalize and not any(w.finalize for w in windows[:-1])
@@ -128,6 +131,7 @@ def test_voice_registry(codec):
         codec.voices.get("nobody")
 
 
+@pytest.mark.slow
 def test_voice_changes_the_output(codec, offline):
     t = np.arange(24000 * 2) / 24000
     other = codec.make_voice("hum", (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)

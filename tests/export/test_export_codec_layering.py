@@ -44,6 +44,7 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_runtime_modules_do_not_load_the_exporter():
     names = modules(RUNTIME_DIR, RUNTIME_PKG)
     assert f"{RUNTIME_PKG}.codec_runtime" in names
@@ -52,6 +53,7 @@ def test_runtime_modules_do_not_load_the_exporter():
     assert [m for m in loaded if m.startswith(EXPORT_PKG)] == []
 
 
+@pytest.mark.slow
 def test_export_modules_do_not_load_a_runtime():
     loaded = loaded_after_import(modules(EXPORT_DIR, EXPORT_PKG))
     assert f"{EXPORT_PKG}.onnx_codec" in loaded

@@ -25,6 +25,7 @@ def backend():
 
 
 @pytest.mark.parametrize("name", GRAPHS)
+@pytest.mark.slow
 def test_codec_graph_parses_and_builds(codec_tiny_dir, codec_onnx_dir, tmp_path, backend, name):
     # small profiles keep the offline builds fast; the shapes still cover batch 1..2 and whole windows
     profiles = codec_profiles(codec_tiny_dir, max_batch=2, max_prompt_tokens=8)

@@ -50,6 +50,7 @@ def test_llm_profiles_are_self_consistent(tiny_model):
         llm_profiles(cfg, 4, 4096)
 
 
+@pytest.mark.slow
 def test_tiny_llm_graph_builds_into_an_engine(tiny_llm_onnx, tiny_model, tmp_path):
     info = build_engine(tiny_llm_onnx.path, tmp_path / "llm.plan", llm_profiles(tiny_model.config, 4, 256),
                         precision="fp32")
@@ -60,6 +61,7 @@ def test_tiny_llm_graph_builds_into_an_engine(tiny_llm_onnx, tiny_model, tmp_pat
     assert not [w for w in info.warnings if "not self-consistent" in w]
 
 
+@pytest.mark.slow
 def test_fp16_llm_graph_builds_as_fp16(tiny_llm_onnx_fp16, tiny_model, tmp_path):
     onnx16 = tiny_llm_onnx_fp16
     assert graph_float_type(onnx16.path) == TensorProto.FLOAT16

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from moss_speech.builders.llm.generate import SamplingParams, generate
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
@@ -15,6 +17,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moss_speech.cli.main", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_tiny_checkpoint_then_generate_matches_the_library(tmp_path):
     assert cli("checkpoint", "tiny", "--out", str(tmp_path), "--no-codec", "--seed", "3").returncode == 0
     out = cli("generate", "--checkpoint", str(tmp_path), "--codes", "5,6,7,8", "--greedy", "--max-new-tokens", "9",

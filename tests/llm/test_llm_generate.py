@@ -149,6 +149,7 @@ def speech_prompt(builder, codes):
     return builder.build([Turn("user", codes=codes)], "speech")
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_sampling_reproducible_by_seed(tiny_model, prompt_builder):
     prompt = speech_prompt(prompt_builder, [3, 1, 4, 1, 5, 9, 2, 6])
     g1 = generate(tiny_model, [prompt], SamplingParams.greedy(max_new_tokens=12))[0]
@@ -171,6 +172,7 @@ def test_spoken_reply_starts_in_audio_mode(tiny_model, prompt_builder):
 
 
 @pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.slow
 def test_batched_generation_equals_each_alone(tiny_model, prompt_builder, sampling):
     prompts = [speech_prompt(prompt_builder, list(range(1, 1 + n))) for n in (2, 15)]
     prompts.append(prompt_builder.build([Turn("user", text="what time is it?")], "text"))

@@ -41,6 +41,7 @@ def hf_twin(model, tail: str, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 1e-6)])
+@pytest.mark.slow
 def test_both_heads_match_qwen3(tiny_dir, dtype, atol):
     from moss_speech.builders.llm.model import MossSpeechForCausalLM
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moss_speech.builders.llm.generate import left_pad
@@ -70,6 +71,7 @@ def test_tails_see_the_same_trunk(tiny_model):
     torch.testing.assert_close(audio0, audio1, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_equals_full_recomputation(tiny_model):
     cfg = tiny_model.config
     grid = random_grid(cfg, 40, seed=3)[None]

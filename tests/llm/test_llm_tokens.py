@@ -152,6 +152,7 @@ def stopping_small(tiny_small_dir, tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_small_vocab_generation_stops_on_its_end_token(stopping_small):
     model = load_model(stopping_small)
     b = PromptBuilder.from_dir(stopping_small, model.config)

@@ -39,6 +39,7 @@ def conversation(engine: Engine, turns: int, system_prompt: str | None = None, t
     return finals
 
 
+@pytest.mark.slow
 def test_prefix_prefill_equals_full_prefill(make_runtime, prompt_builder):
     """A slot acquired for a prompt that extends a cached one reuses that prefix; logits equal a fresh prefill."""
     rt = make_runtime(max_slots=2, max_context=256)
@@ -60,6 +61,7 @@ def test_prefix_prefill_equals_full_prefill(make_runtime, prompt_builder):
 
 
 @pytest.mark.parametrize("system_prompt", [None, "you are terse"])
+@pytest.mark.slow
 def test_greedy_conversation_token_identical_with_and_without_cache(make_runtime, prompt_builder, system_prompt):
     """Four greedy turns: every turn's rows are identical with the cache on and off, and turns 2.. hit it."""
     cached = Engine(make_runtime(max_slots=2, max_context=512), prompt_builder)
@@ -78,6 +80,7 @@ def test_greedy_conversation_token_identical_with_and_without_cache(make_runtime
     assert plain.runtime.cache_stats.hits == 0 and plain.runtime.cached_slots == 0
 
 
+@pytest.mark.slow
 def test_lru_eviction_bounds_the_cache(make_runtime, prompt_builder):
     """Cached slots are idle slots of the preallocated cache: a new conversation evicts the least recently used
     one; interleaved conversations keep hitting while they fit."""

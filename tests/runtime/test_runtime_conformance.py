@@ -72,6 +72,7 @@ def prompts(builder):
     return [builder.build([Turn("user", codes=list(range(3, 3 + n)))], "speech") for n in (4, 19, 9)]
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_match_full_recompute(make_runtime, tiny_model, prompt_builder):
     rt = make_runtime(max_slots=4, max_context=256)
     ps = prompts(prompt_builder)
@@ -96,6 +97,7 @@ def test_prefill_and_decode_match_full_recompute(make_runtime, tiny_model, promp
     assert [rt.length(s) for s in slots] == [p.shape[0] + 5 for p in ps]
 
 
+@pytest.mark.slow
 def test_slots_are_reused_and_exhaustion_is_reported(make_runtime, prompt_builder):
     rt = make_runtime(max_slots=2, max_context=128)
     a, b = rt.acquire(), rt.acquire()
@@ -120,6 +122,7 @@ def test_context_errors_name_both_numbers(make_runtime, prompt_builder):
         rt.prefill(slot, p)
 
 
+@pytest.mark.slow
 def test_greedy_generation_through_runtime_matches_reference(make_runtime, tiny_model, prompt_builder):
     """The state machine driven by runtime logits gives the reference's tokens."""
     rt = make_runtime(max_slots=2, max_context=256)

@@ -47,6 +47,7 @@ def speech_request(i, n_new=14, **kw):
                    params=SamplingParams.greedy(max_new_tokens=n_new), **kw)
 
 
+@pytest.mark.slow
 def test_served_answer_equals_in_process_generation(tiny_model, prompt_builder):
     engine = engine_for(tiny_model, prompt_builder)
     req = speech_request(1)
@@ -64,6 +65,7 @@ def test_served_answer_equals_in_process_generation(tiny_model, prompt_builder):
     assert engine.runtime.free_slots == 4
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_steps_and_equal_solo(tiny_model, prompt_builder):
     reqs = [speech_request(i, n_new=10 + i) for i in range(4)]
     reqs.append(Request("t", Turn("user", text="hello?"), "text", params=SamplingParams(seed=3, max_new_tokens=9)))

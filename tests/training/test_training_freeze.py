@@ -3,6 +3,7 @@ bit-identical (text logits of text-only inputs and the frozen tensors' checksums
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moss_speech.builders.llm.checkpoint import load_model
@@ -31,6 +32,7 @@ def _text_logits(model, samples):
         return [model(s.grid[None])[0] for s in samples["text"]]
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_speech_parts_and_text_behaviour_is_bit_identical(tiny_dir, samples, tmp_path):
     model, trainer, stage, stream = _setup(tiny_dir, samples, tmp_path, 0)
     text_before = _text_logits(model, samples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from moss_speech.builders.llm.checkpoint import INDEX_NAME, load_model
@@ -17,6 +18,7 @@ def _cfg(tiny_dir, out):
     return TrainConfig(init=tiny_dir, out=out, data={"speech": {"path": "-"}, "text": {"path": "-"}}, stages=stages)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, samples, tmp_path):
     quiet = {"log": lambda _: None}
     full_cfg = _cfg(tiny_dir, tmp_path / "full")
@@ -40,6 +42,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, samples,
     assert not torch.equal(load_model(tiny_dir).state_dict()["model.audio_embed.weight"], a["model.audio_embed.weight"])
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_is_in_the_real_layout_and_strict_loads(tiny_dir, samples, tmp_path):
     """Via the console command, from a YAML recipe and JSONL data, as a user would run it."""
     from moss_speech.cli.main import main

@@ -68,6 +68,7 @@ def test_cloned_voice_differs_from_default(codec, stored):
     assert np.abs(a - b).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_two_instances_decode_a_stored_voice_identically(tiny_bundle, codec, stored):
     store, voice, record = stored
     windows = [DecodeWindow(tokens=CODES[:13], n_context=0, n_chunk=10, first_position=0, voice_id=record.voice_id)]
