@@ -159,15 +159,19 @@ async def stack(root: Path, rec_b: Path, turns: int) -> list[tuple[str, str]]:
 
             await ttfa("default"), await ttfa(v.voice_id)  # warm both (the created voice's first miss)
             a, b = [], []
-            for _ in range(turns):  # interleaved, same run
-                a.append(await ttfa("default"))
-                b.append(await ttfa(v.voice_id))
+            for i in range(turns):  # interleaved, same run, alternating which goes first
+                if i % 2:
+                    b.append(await ttfa(v.voice_id))
+                    a.append(await ttfa("default"))
+                else:
+                    a.append(await ttfa("default"))
+                    b.append(await ttfa(v.voice_id))
         pairs = sorted(y - x for x, y in zip(a, b, strict=True))
         ma, mb = statistics.median(a), statistics.median(b)
         return [("CreateVoice", f"{statistics.median(create) * 1000:.0f} ms median of 3 "
                                 f"({seconds:.1f} s recording; all: {', '.join(f'{c * 1000:.0f}' for c in create)})"),
-                ("TTFA default voice", f"{ma:.1f} ms median of {turns}"),
-                ("TTFA created voice", f"{mb:.1f} ms median of {turns}"),
+                ("TTFA default voice", f"{ma:.1f} ms median of {turns} ({', '.join(f'{x:.0f}' for x in a)})"),
+                ("TTFA created voice", f"{mb:.1f} ms median of {turns} ({', '.join(f'{x:.0f}' for x in b)})"),
                 ("created vs default", f"{100 * (mb / ma - 1):+.1f} % (medians); paired median "
                                        f"{statistics.median(pairs):+.1f} ms")]
     finally:

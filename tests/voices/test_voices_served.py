@@ -36,7 +36,8 @@ def start_service(triton_url: str, tmp: Path) -> ServiceProcess:
     keys = tmp / "keys"
     keys.write_text("".join(f"{k}:{hash_key(v)}\n" for k, v in KEYS.items()))
     return ServiceProcess(triton_url, tmp / "service.log", MOSS_SPEECH_AUTH="api_keys",
-                          MOSS_SPEECH_API_KEYS_FILE=str(keys), MOSS_SPEECH_MAX_NEW_TOKENS="24").start()
+                          MOSS_SPEECH_API_KEYS_FILE=str(keys), MOSS_SPEECH_MAX_NEW_TOKENS="24",
+                          MOSS_SPEECH_MAX_MESSAGE_BYTES=str(4 << 20)).start()  # a 31 s WAV is 1.4 MB
 
 
 @pytest.fixture(scope="module")
