@@ -208,6 +208,8 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
             silence = np.zeros(12000, np.int16)
             await c.append(np.concatenate([silence, question, silence, silence]))
             await c.until("response.output_audio.delta")
+            # applies to the next response (the one answering after the interruption), not the running one
+            await c.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 25}})
             await c.append(question)  # the user talks over the answer
             started, got = await c.until("input_audio_buffer.speech_started")
             t_start = started["_t"]
@@ -225,7 +227,6 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
                           "audio_end_ms": 100})
             truncated, _ = await c.until("conversation.item.truncated")
             assert truncated["audio_end_ms"] == 100
-            await c.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 25}})
             await c.append(np.concatenate([silence, silence, silence]))
             done, got = await c.until("response.done")  # the answer to both questions (the first was cut off)
             assert done["response"]["status"] == "incomplete", [e for e in got if e["type"] == "error"]
