@@ -59,7 +59,7 @@ class WS:
         for k, i in enumerate(range(0, len(data), 2 * PIECE)):
             if realtime:
                 await asyncio.sleep(max(0.0, t0 + k * PIECE / 24000 - time.perf_counter()))
-            await self.send(type="input_audio_buffer.append", audio=base64.b64encode(data[i:i + 2 * PIECE]).decode())
+            await self.send(type="input_audio_buffer.append", audio=base64.b64encode(data[i : i + 2 * PIECE]).decode())
             sent.append(time.perf_counter())
         return sent
 
@@ -68,8 +68,10 @@ async def ttfa_pair(url: str, stub, question: np.ndarray, tokens: int) -> tuple[
     async with connect(url, max_size=None) as raw:
         ws = WS(raw)
         await ws.until("session.created")
-        await ws.send(type="session.update", session={"type": "realtime", "max_output_tokens": tokens,
-                                                      "audio": {"input": {"turn_detection": None}}})
+        await ws.send(
+            type="session.update",
+            session={"type": "realtime", "max_output_tokens": tokens, "audio": {"input": {"turn_detection": None}}},
+        )
         await ws.until("session.updated")
         await ws.append(question)
         await ws.send(type="input_audio_buffer.commit")
@@ -86,11 +88,15 @@ async def ttfa_pair(url: str, stub, question: np.ndarray, tokens: int) -> tuple[
     marks = {}
 
     async def requests():
-        yield speech_pb2.StreamConverseRequest(config=speech_pb2.StreamConfig(
-            session_id=sid, sampling=speech_pb2.Sampling(max_new_tokens=tokens),
-            input_format=speech_pb2.AudioFormat(encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate=24000)))
+        yield speech_pb2.StreamConverseRequest(
+            config=speech_pb2.StreamConfig(
+                session_id=sid,
+                sampling=speech_pb2.Sampling(max_new_tokens=tokens),
+                input_format=speech_pb2.AudioFormat(encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate=24000),
+            )
+        )
         for i in range(0, len(pcm), 2 * PIECE):
-            yield speech_pb2.StreamConverseRequest(audio=pcm[i:i + 2 * PIECE])
+            yield speech_pb2.StreamConverseRequest(audio=pcm[i : i + 2 * PIECE])
         await start.wait()
         marks["t0"] = time.perf_counter()
         yield speech_pb2.StreamConverseRequest(end_of_turn=speech_pb2.EndOfTurn())
@@ -109,8 +115,14 @@ async def barge_in(url: str, question: np.ndarray) -> float:
     async with connect(url, max_size=None) as raw:
         ws = WS(raw)
         await ws.until("session.created")
-        await ws.send(type="session.update", session={"type": "realtime", "max_output_tokens": 300, "audio": {
-            "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}})
+        await ws.send(
+            type="session.update",
+            session={
+                "type": "realtime",
+                "max_output_tokens": 300,
+                "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}},
+            },
+        )
         await ws.until("session.updated")
         silence = np.zeros(12000, np.int16)
         await ws.append(np.concatenate([silence, question, silence, silence]))
@@ -128,8 +140,21 @@ async def endpointing(url: str, question: np.ndarray, silence_ms: int) -> float:
     async with connect(url, max_size=None) as raw:
         ws = WS(raw)
         await ws.until("session.created")
-        await ws.send(type="session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": {
-            "type": "server_vad", "silence_duration_ms": silence_ms, "create_response": False}}}})
+        await ws.send(
+            type="session.update",
+            session={
+                "type": "realtime",
+                "audio": {
+                    "input": {
+                        "turn_detection": {
+                            "type": "server_vad",
+                            "silence_duration_ms": silence_ms,
+                            "create_response": False,
+                        }
+                    }
+                },
+            },
+        )
         await ws.until("session.updated")
         audio = np.concatenate([np.zeros(12000, np.int16), question, np.zeros(24000 * 2, np.int16)])
         offset = 12000 + int(np.nonzero(np.abs(question) > 500)[0][-1])  # last voiced sample
@@ -194,8 +219,10 @@ async def main_async(args, url: str, grpc_address: str) -> None:
     print(f"\n## endpointing delay beyond silence_duration_ms={args.silence_ms}  {summary(ends)}")
     if args.soak:
         s = await soak(url, question, args.conversations, args.soak)
-        print(f"\n## soak: {args.conversations} WebSocket conversations for {s['seconds']} s: {s['turns']} turns, "
-              f"{s['errors']} errors {s['error_kinds'] or ''}")
+        print(
+            f"\n## soak: {args.conversations} WebSocket conversations for {s['seconds']} s: {s['turns']} turns, "
+            f"{s['errors']} errors {s['error_kinds'] or ''}"
+        )
 
 
 def main() -> int:
@@ -210,13 +237,17 @@ def main() -> int:
     p.add_argument("--conversations", type=int, default=8)
     args = p.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
-    service, sport = start_service(args.triton_url, logs, MOSS_SPEECH_MAX_NEW_TOKENS="40",
-                                   MOSS_SPEECH_MAX_SESSIONS="100", MOSS_SPEECH_LOG_LEVEL="WARNING")
+    service, sport = start_service(
+        args.triton_url,
+        logs,
+        MOSS_SPEECH_MAX_NEW_TOKENS="40",
+        MOSS_SPEECH_MAX_SESSIONS="100",
+        MOSS_SPEECH_LOG_LEVEL="WARNING",
+    )
     try:
         gateway, gport = start_gateway(sport, logs, MOSS_REALTIME_LOG_LEVEL="WARNING")
         try:
-            asyncio.run(main_async(args, f"ws://127.0.0.1:{gport}/v1/realtime?model=moss-speech",
-                                   f"127.0.0.1:{sport}"))
+            asyncio.run(main_async(args, f"ws://127.0.0.1:{gport}/v1/realtime?model=moss-speech", f"127.0.0.1:{sport}"))
         finally:
             gateway.stop()
     finally:

@@ -36,8 +36,11 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     from moss_speech.services.realtime.server import serve_forever
     from moss_speech.services.realtime.settings import RealtimeSettings
 
-    overrides = {k: v for k, v in {"service_url": args.service_url, "host": args.host, "port": args.port}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"service_url": args.service_url, "host": args.host, "port": args.port}.items()
+        if v is not None
+    }
     asyncio.run(serve_forever(RealtimeSettings(**overrides)))
     return 0
 
@@ -70,10 +73,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     repo = _repository(args)
     work = args.work.resolve()
     print("starting tritonserver", flush=True)
-    with TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=600,
-                      log_stream=open(work / "tritonserver.log", "w")) as triton:  # noqa: SIM115
-        ports = {"grpc": args.grpc_port or free_port(), "metrics": args.metrics_port or free_port(),
-                 "realtime": args.realtime_port or free_port()}
+    with TritonServer(
+        repo,
+        http_port=None,
+        grpc_port=None,
+        metrics_port=None,
+        ready_timeout=600,
+        log_stream=open(work / "tritonserver.log", "w"),
+    ) as triton:  # noqa: SIM115
+        ports = {
+            "grpc": args.grpc_port or free_port(),
+            "metrics": args.metrics_port or free_port(),
+            "realtime": args.realtime_port or free_port(),
+        }
         asyncio.run(_serve(triton, ports, args))
     print("stopped", flush=True)
     return 0
@@ -89,26 +101,39 @@ async def _serve(triton, ports: dict[str, int], args: argparse.Namespace) -> Non
     setup_logging("WARNING", "text")
     extra = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     # The local stack: loopback only, explicitly plaintext and without API keys (said below when it is up).
-    service = Service(ServiceSettings(triton_url=triton.grpc_url, grpc_port=ports["grpc"],
-                                      metrics_port=ports["metrics"], bind_address="127.0.0.1", plaintext=True,
-                                      auth="none", **extra), host="127.0.0.1")
+    service = Service(
+        ServiceSettings(
+            triton_url=triton.grpc_url,
+            grpc_port=ports["grpc"],
+            metrics_port=ports["metrics"],
+            bind_address="127.0.0.1",
+            plaintext=True,
+            auth="none",
+            **extra,
+        ),
+        host="127.0.0.1",
+    )
     await service.start()
-    gateway = RealtimeServer(RealtimeSettings(service_url=f"127.0.0.1:{ports['grpc']}", host="127.0.0.1",
-                                              port=ports["realtime"]))
+    gateway = RealtimeServer(
+        RealtimeSettings(service_url=f"127.0.0.1:{ports['grpc']}", host="127.0.0.1", port=ports["realtime"])
+    )
     await gateway.start()
     for _ in range(600):  # the service turns SERVING once Triton's ensembles are ready
         if await gateway.bridge.serving():
             break
         await asyncio.sleep(0.2)
     rt = ports["realtime"]
-    print("\nMOSS-Speech is up (loopback only; plaintext gRPC and no API keys: a local stack, not a deployment):\n"
-          f"  tritonserver gRPC       {triton.grpc_url}\n"
-          f"  speech gRPC API         127.0.0.1:{ports['grpc']}        (moss_speech.v1.MossSpeech)\n"
-          f"  service metrics         http://127.0.0.1:{ports['metrics']}/metrics\n"
-          f"  Realtime WebSocket      ws://127.0.0.1:{rt}/v1/realtime   (OpenAI base_url http://127.0.0.1:{rt}/v1)\n"
-          f"  browser page            http://127.0.0.1:{rt}/\n"
-          f"  gateway metrics         http://127.0.0.1:{rt}/metrics\n"
-          "Ctrl-C stops everything.", flush=True)
+    print(
+        "\nMOSS-Speech is up (loopback only; plaintext gRPC and no API keys: a local stack, not a deployment):\n"
+        f"  tritonserver gRPC       {triton.grpc_url}\n"
+        f"  speech gRPC API         127.0.0.1:{ports['grpc']}        (moss_speech.v1.MossSpeech)\n"
+        f"  service metrics         http://127.0.0.1:{ports['metrics']}/metrics\n"
+        f"  Realtime WebSocket      ws://127.0.0.1:{rt}/v1/realtime   (OpenAI base_url http://127.0.0.1:{rt}/v1)\n"
+        f"  browser page            http://127.0.0.1:{rt}/\n"
+        f"  gateway metrics         http://127.0.0.1:{rt}/metrics\n"
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -75,6 +75,7 @@ def resample(pcm: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
 
 # --- G.711 (ITU-T G.711 reference algorithms) ---------------------------------------------------------------
 
+
 def _ulaw_decode_table() -> np.ndarray:
     u = ~np.arange(256, dtype=np.int32) & 0xFF
     exponent, mantissa = (u >> 4) & 0x07, u & 0x0F

@@ -37,9 +37,15 @@ class TurnRequest:
 class Bridge:
     def __init__(self, target: str) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", 16 * 1024 * 1024), ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
         self.stub = speech_pb2_grpc.MossSpeechStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -58,39 +64,51 @@ class Bridge:
         return [v.voice_id for v in r.voices]
 
     async def create_session(self, metadata: tuple, timeout: float = 5.0) -> str:
-        return (await self.stub.CreateSession(speech_pb2.CreateSessionRequest(), metadata=metadata,
-                                              timeout=timeout)).session_id
+        return (
+            await self.stub.CreateSession(speech_pb2.CreateSessionRequest(), metadata=metadata, timeout=timeout)
+        ).session_id
 
     async def delete_session(self, session_id: str, metadata: tuple, timeout: float = 5.0) -> None:
-        await self.stub.DeleteSession(speech_pb2.DeleteSessionRequest(session_id=session_id), metadata=metadata,
-                                      timeout=timeout)
+        await self.stub.DeleteSession(
+            speech_pb2.DeleteSessionRequest(session_id=session_id), metadata=metadata, timeout=timeout
+        )
 
-    async def truncate(self, session_id: str, audio_end_ms: int, metadata: tuple,
-                       timeout: float = 5.0) -> speech_pb2.TruncateReplyResponse:
+    async def truncate(
+        self, session_id: str, audio_end_ms: int, metadata: tuple, timeout: float = 5.0
+    ) -> speech_pb2.TruncateReplyResponse:
         return await self.stub.TruncateReply(
-            speech_pb2.TruncateReplyRequest(session_id=session_id, audio_end_ms=audio_end_ms), metadata=metadata,
-            timeout=timeout)
+            speech_pb2.TruncateReplyRequest(session_id=session_id, audio_end_ms=audio_end_ms),
+            metadata=metadata,
+            timeout=timeout,
+        )
 
     async def _wait_idle(self, session_id: str, metadata: tuple) -> None:
         """Until the session runs no turn (bounded by BUSY_RETRIES x BUSY_WAIT)."""
         for _ in range(BUSY_RETRIES):
-            s = await self.stub.GetSession(speech_pb2.GetSessionRequest(session_id=session_id), metadata=metadata,
-                                           timeout=5.0)
+            s = await self.stub.GetSession(
+                speech_pb2.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=5.0
+            )
             if not s.busy:
                 return
             await asyncio.sleep(BUSY_WAIT)
 
-    async def converse(self, session_id: str, turn: TurnRequest, metadata: tuple,
-                       timeout: float) -> AsyncIterator[speech_pb2.StreamConverseResponse]:
+    async def converse(
+        self, session_id: str, turn: TurnRequest, metadata: tuple, timeout: float
+    ) -> AsyncIterator[speech_pb2.StreamConverseResponse]:
         """Stream one turn's responses. Leaving the iteration early (cancellation) cancels the call."""
         sampling = speech_pb2.Sampling()
         if turn.max_new_tokens is not None:
             sampling.max_new_tokens = turn.max_new_tokens
         config = speech_pb2.StreamConfig(
-            session_id=session_id, voice=turn.voice, system_prompt=turn.system_prompt, sampling=sampling,
+            session_id=session_id,
+            voice=turn.voice,
+            system_prompt=turn.system_prompt,
+            sampling=sampling,
             output=speech_pb2.OUTPUT_MODALITY_TEXT if turn.output == "text" else speech_pb2.OUTPUT_MODALITY_SPEECH,
-            input_format=speech_pb2.AudioFormat(encoding=speech_pb2.AUDIO_ENCODING_PCM16,
-                                                sample_rate=turn.audio_rate, channels=1))
+            input_format=speech_pb2.AudioFormat(
+                encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate=turn.audio_rate, channels=1
+            ),
+        )
 
         def requests():
             yield speech_pb2.StreamConverseRequest(config=config)
@@ -99,7 +117,7 @@ class Bridge:
             else:
                 data = turn.audio_pcm16 or b""
                 for i in range(0, len(data), AUDIO_PIECE):
-                    yield speech_pb2.StreamConverseRequest(audio=data[i:i + AUDIO_PIECE])
+                    yield speech_pb2.StreamConverseRequest(audio=data[i : i + AUDIO_PIECE])
             yield speech_pb2.StreamConverseRequest(end_of_turn=speech_pb2.EndOfTurn())
 
         if turn.after_cancel:
@@ -116,7 +134,8 @@ class Bridge:
                 # A refused stream can also surface as INTERNAL ("Internal error from Core") when the service
                 # aborts it while our audio is still being written: both mean "not started", so retry.
                 busy = (e.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in (e.details() or "")) or (
-                    e.code() == grpc.StatusCode.INTERNAL and "from Core" in (e.details() or ""))
+                    e.code() == grpc.StatusCode.INTERNAL and "from Core" in (e.details() or "")
+                )
                 if not (first and busy and attempt < BUSY_RETRIES):
                     raise
                 await asyncio.sleep(BUSY_WAIT)

@@ -22,8 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 class ProtocolError(Exception):
     """Becomes one `error` event; the connection stays open."""
 
-    def __init__(self, code: str, message: str, param: str | None = None,
-                 type: str = "invalid_request_error") -> None:  # noqa: A002 - the protocol's field name
+    def __init__(self, code: str, message: str, param: str | None = None, type: str = "invalid_request_error") -> None:  # noqa: A002 - the protocol's field name
         super().__init__(message)
         self.code, self.message, self.param, self.type = code, message, param, type
 
@@ -179,17 +178,36 @@ class OutputAudioBufferClear(_In):
 
 
 ClientEvent = Annotated[
-    SessionUpdate | InputAudioBufferAppend | InputAudioBufferCommit | InputAudioBufferClear | ConversationItemCreate
-    | ConversationItemTruncate | ConversationItemDelete | ConversationItemRetrieve | ResponseCreate | ResponseCancel
+    SessionUpdate
+    | InputAudioBufferAppend
+    | InputAudioBufferCommit
+    | InputAudioBufferClear
+    | ConversationItemCreate
+    | ConversationItemTruncate
+    | ConversationItemDelete
+    | ConversationItemRetrieve
+    | ResponseCreate
+    | ResponseCancel
     | OutputAudioBufferClear,
     Field(discriminator="type"),
 ]
 _CLIENT_EVENT: TypeAdapter[Any] = TypeAdapter(ClientEvent)
 CLIENT_EVENT_TYPES = frozenset(
     m.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
-    for m in (SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
-              ConversationItemCreate, ConversationItemTruncate, ConversationItemDelete, ConversationItemRetrieve,
-              ResponseCreate, ResponseCancel, OutputAudioBufferClear))
+    for m in (
+        SessionUpdate,
+        InputAudioBufferAppend,
+        InputAudioBufferCommit,
+        InputAudioBufferClear,
+        ConversationItemCreate,
+        ConversationItemTruncate,
+        ConversationItemDelete,
+        ConversationItemRetrieve,
+        ResponseCreate,
+        ResponseCancel,
+        OutputAudioBufferClear,
+    )
+)
 
 
 def parse_client_event(data: Any) -> Any:
@@ -217,42 +235,86 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def error_event(e: ProtocolError, client_event_id: str | None = None) -> dict[str, Any]:
-    return event("error", error={"type": e.type, "code": e.code, "message": e.message, "param": e.param,
-                                 "event_id": client_event_id})
+    return event(
+        "error",
+        error={"type": e.type, "code": e.code, "message": e.message, "param": e.param, "event_id": client_event_id},
+    )
 
 
 def user_item(item_id: str, content: list[dict[str, Any]], status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": status,
-            "content": content}
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "role": "user",
+        "status": status,
+        "content": content,
+    }
 
 
 def assistant_item(item_id: str, part: str, status: str, transcript: str | None = None) -> dict[str, Any]:
-    content = [] if status == "in_progress" else [
-        {"type": "output_audio", "transcript": transcript or ""} if part == "audio"
-        else {"type": "output_text", "text": transcript or ""}]
-    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
-            "content": content}
+    content = (
+        []
+        if status == "in_progress"
+        else [
+            {"type": "output_audio", "transcript": transcript or ""}
+            if part == "audio"
+            else {"type": "output_text", "text": transcript or ""}
+        ]
+    )
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": content,
+    }
 
 
-def response_obj(response_id: str, conversation_id: str, status: str, modalities: list[str], voice: str,
-                 out_format: dict[str, Any], output: list[dict[str, Any]], *, reason: str | None = None,
-                 error: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
-                 max_output_tokens: int | str = "inf") -> dict[str, Any]:
+def response_obj(
+    response_id: str,
+    conversation_id: str,
+    status: str,
+    modalities: list[str],
+    voice: str,
+    out_format: dict[str, Any],
+    output: list[dict[str, Any]],
+    *,
+    reason: str | None = None,
+    error: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None,
+    max_output_tokens: int | str = "inf",
+) -> dict[str, Any]:
     r: dict[str, Any] = {
-        "id": response_id, "object": "realtime.response", "conversation_id": conversation_id, "status": status,
-        "output": output, "output_modalities": modalities, "max_output_tokens": max_output_tokens,
-        "audio": {"output": {"format": out_format, "voice": voice}}, "usage": usage,
-        "status_details": None if status in ("in_progress", "completed") else
-        {"type": status, "reason": reason, "error": error},
+        "id": response_id,
+        "object": "realtime.response",
+        "conversation_id": conversation_id,
+        "status": status,
+        "output": output,
+        "output_modalities": modalities,
+        "max_output_tokens": max_output_tokens,
+        "audio": {"output": {"format": out_format, "voice": voice}},
+        "usage": usage,
+        "status_details": None
+        if status in ("in_progress", "completed")
+        else {"type": status, "reason": reason, "error": error},
     }
     return r
 
 
 def usage_obj(input_tokens: int, output_tokens: int, audio_in: bool, audio_out: bool) -> dict[str, Any]:
     return {
-        "input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
-        "input_token_details": {"audio_tokens": input_tokens if audio_in else 0,
-                                "text_tokens": 0 if audio_in else input_tokens, "cached_tokens": 0},
-        "output_token_details": {"audio_tokens": output_tokens if audio_out else 0,
-                                 "text_tokens": 0 if audio_out else output_tokens},
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+        "input_token_details": {
+            "audio_tokens": input_tokens if audio_in else 0,
+            "text_tokens": 0 if audio_in else input_tokens,
+            "cached_tokens": 0,
+        },
+        "output_token_details": {
+            "audio_tokens": output_tokens if audio_out else 0,
+            "text_tokens": 0 if audio_out else output_tokens,
+        },
     }

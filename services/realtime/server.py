@@ -32,8 +32,9 @@ FORWARDED_HEADERS = ("authorization",)  # travel to the gRPC service as metadata
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store")])
+    headers = Headers(
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+    )
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -54,12 +55,21 @@ class RealtimeServer:
     async def start(self) -> int:
         shared_session()  # load the VAD model before taking traffic
         s = self.settings
-        self._server = await serve(self._handle, s.host, s.port, process_request=self._process_request,
-                                   max_size=s.max_message_bytes, max_queue=64, compression=None)
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            max_size=s.max_message_bytes,
+            max_queue=64,
+            compression=None,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._health_task = asyncio.create_task(self._health_loop())
-        log.info("realtime gateway serving", extra={"fields": {"host": s.host, "port": self.port,
-                                                               "service_url": s.service_url}})
+        log.info(
+            "realtime gateway serving",
+            extra={"fields": {"host": s.host, "port": self.port, "service_url": s.service_url}},
+        )
         return self.port
 
     async def _health_loop(self) -> None:
@@ -93,8 +103,11 @@ class RealtimeServer:
         if path == "/healthz":
             return _response(HTTPStatus.OK, b"ok\n")
         if path == "/readyz":
-            return _response(HTTPStatus.OK, b"ready\n") if self.ready else _response(
-                HTTPStatus.SERVICE_UNAVAILABLE, b"speech service not serving\n")
+            return (
+                _response(HTTPStatus.OK, b"ready\n")
+                if self.ready
+                else _response(HTTPStatus.SERVICE_UNAVAILABLE, b"speech service not serving\n")
+            )
         if path == "/metrics":
             return _response(HTTPStatus.OK, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
         name = "index.html" if path in ("/", "") else path.removeprefix("/static/")

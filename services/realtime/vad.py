@@ -67,8 +67,9 @@ class SileroVAD:
 
     def __call__(self, frame: np.ndarray) -> float:
         x = np.concatenate([self._context, frame.reshape(1, FRAME).astype(np.float32)], axis=1)
-        out, self._state = self.session.run(None, {"input": x, "state": self._state,
-                                                   "sr": np.array(VAD_RATE, np.int64)})
+        out, self._state = self.session.run(
+            None, {"input": x, "state": self._state, "sr": np.array(VAD_RATE, np.int64)}
+        )
         self._context = x[:, -CONTEXT:]
         return float(out.reshape(-1)[0])
 
@@ -82,9 +83,15 @@ class VadConfig:
     interrupt_response: bool = True
 
     def as_dict(self) -> dict:
-        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+        return {
+            "type": "server_vad",
+            "threshold": self.threshold,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "silence_duration_ms": self.silence_duration_ms,
+            "create_response": self.create_response,
+            "interrupt_response": self.interrupt_response,
+            "idle_timeout_ms": None,
+        }
 
 
 @dataclass
@@ -119,11 +126,11 @@ class Endpointer:
     def feed(self, pcm16: np.ndarray) -> list[VadEvent]:
         x = np.concatenate([self._pending, np.asarray(pcm16, np.float32) / 32768.0])
         n = len(x) // FRAME
-        self._pending = x[n * FRAME:]
+        self._pending = x[n * FRAME :]
         events: list[VadEvent] = []
         c = self.config
         for i in range(n):
-            p = self.last_prob = self.vad(x[i * FRAME:(i + 1) * FRAME])
+            p = self.last_prob = self.vad(x[i * FRAME : (i + 1) * FRAME])
             start = self.position
             self.position += FRAME
             if not self.speaking:

@@ -26,10 +26,19 @@ def test_realtime_is_off_by_default(helm: Helm, tmp_path):
 
 
 def test_realtime_renders_deployment_service_probes_and_hpa(helm: Helm, tmp_path):
-    docs = _render(helm, tmp_path, {
-        "realtime": {"enabled": True, "port": 8443, "maxConnections": 40,
-                     "autoscaling": {"enabled": True, "targetActiveConnections": 20}},
-        "monitoring": {"adapterRules": {"enabled": True}}})
+    docs = _render(
+        helm,
+        tmp_path,
+        {
+            "realtime": {
+                "enabled": True,
+                "port": 8443,
+                "maxConnections": 40,
+                "autoscaling": {"enabled": True, "targetActiveConnections": 20},
+            },
+            "monitoring": {"adapterRules": {"enabled": True}},
+        },
+    )
     name = f"{RELEASE}-moss-speech-realtime"
     dep = _find(docs, "Deployment", name)
     assert dep is not None, [d["metadata"]["name"] for d in docs]

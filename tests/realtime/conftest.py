@@ -23,7 +23,8 @@ SERVICE_ENV = {
     "MOSS_SPEECH_MAX_AUDIO_SECONDS": "20",
     "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3",
     "MOSS_SPEECH_LOG_FORMAT": "json",
-    "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none",  # local test stack: explicitly open
+    "MOSS_SPEECH_PLAINTEXT": "true",
+    "MOSS_SPEECH_AUTH": "none",  # local test stack: explicitly open
 }
 
 
@@ -33,8 +34,12 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", *args],
-                                     env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moss_speech.cli.main", *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -56,18 +61,33 @@ class Proc:
 
 def start_service(triton_url: str, log_dir: Path, **env: str) -> tuple[Proc, int]:
     port = free_port()
-    proc = Proc(["serve"], {**SERVICE_ENV, **env, "MOSS_SPEECH_TRITON_URL": triton_url,
-                            "MOSS_SPEECH_GRPC_PORT": str(port), "MOSS_SPEECH_METRICS_PORT": str(free_port())},
-                log_dir / "service.log")
+    proc = Proc(
+        ["serve"],
+        {
+            **SERVICE_ENV,
+            **env,
+            "MOSS_SPEECH_TRITON_URL": triton_url,
+            "MOSS_SPEECH_GRPC_PORT": str(port),
+            "MOSS_SPEECH_METRICS_PORT": str(free_port()),
+        },
+        log_dir / "service.log",
+    )
     return proc, port
 
 
 def start_gateway(service_port: int, log_dir: Path, **env: str) -> tuple[Proc, int]:
     port = free_port()
-    proc = Proc(["realtime"], {"MOSS_REALTIME_SERVICE_URL": f"127.0.0.1:{service_port}",
-                               "MOSS_REALTIME_HOST": "127.0.0.1", "MOSS_REALTIME_PORT": str(port),
-                               "MOSS_REALTIME_LOG_FORMAT": "json", **env},
-                log_dir / "gateway.log")
+    proc = Proc(
+        ["realtime"],
+        {
+            "MOSS_REALTIME_SERVICE_URL": f"127.0.0.1:{service_port}",
+            "MOSS_REALTIME_HOST": "127.0.0.1",
+            "MOSS_REALTIME_PORT": str(port),
+            "MOSS_REALTIME_LOG_FORMAT": "json",
+            **env,
+        },
+        log_dir / "gateway.log",
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         proc.check_alive()
@@ -118,10 +138,32 @@ def speak(text: str, rate: int = 24000) -> np.ndarray:
     """int16 mono speech of `text` from espeak-ng, resampled to `rate` by sox."""
     if not (shutil.which("espeak-ng") and shutil.which("sox")):
         pytest.skip("needs espeak-ng and sox")
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "--stdout", text], check=True,
-                         capture_output=True).stdout
-    raw = subprocess.run(["sox", "-t", "wav", "-", "-t", "raw", "-r", str(rate), "-c", "1", "-b", "16", "-e",
-                          "signed-integer", "-L", "-"], input=wav, check=True, capture_output=True).stdout
+    wav = subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "150", "--stdout", text], check=True, capture_output=True
+    ).stdout
+    raw = subprocess.run(
+        [
+            "sox",
+            "-t",
+            "wav",
+            "-",
+            "-t",
+            "raw",
+            "-r",
+            str(rate),
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-L",
+            "-",
+        ],
+        input=wav,
+        check=True,
+        capture_output=True,
+    ).stdout
     return np.frombuffer(raw, dtype="<i2").copy()
 
 

@@ -63,8 +63,9 @@ class Client:
         data = raw if raw is not None else pcm.astype("<i2").tobytes()
         step = piece * width
         for i in range(0, len(data), step):
-            await self.send({"type": "input_audio_buffer.append",
-                             "audio": base64.b64encode(data[i:i + step]).decode()})
+            await self.send(
+                {"type": "input_audio_buffer.append", "audio": base64.b64encode(data[i : i + step]).decode()}
+            )
 
 
 def connect(stack, **kw):
@@ -95,10 +96,24 @@ def test_spoken_turn_with_server_vad(realtime_stack, question):
     async def main():
         async with connect(realtime_stack) as conn:
             c = await opened(conn)
-            await c.send({"type": "session.update", "session": {
-                "type": "realtime", "instructions": "Answer briefly.",
-                "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 400,
-                                                       "prefix_padding_ms": 200}}}}})
+            await c.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "realtime",
+                        "instructions": "Answer briefly.",
+                        "audio": {
+                            "input": {
+                                "turn_detection": {
+                                    "type": "server_vad",
+                                    "silence_duration_ms": 400,
+                                    "prefix_padding_ms": 200,
+                                }
+                            }
+                        },
+                    },
+                }
+            )
             updated, _ = await c.until("session.updated")
             assert updated["session"]["instructions"] == "Answer briefly."
             assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 400
@@ -114,14 +129,20 @@ def test_spoken_turn_with_server_vad(realtime_stack, question):
             assert committed["item_id"] == started["item_id"] == stopped["item_id"]
             done, got = await c.until("response.done")
             kinds = [e["type"] for e in got]
-            assert kinds.index("response.created") < kinds.index("response.output_item.added") < kinds.index(
-                "response.content_part.added") < kinds.index("response.output_audio.delta") < kinds.index(
-                "response.output_audio.done") < kinds.index("response.output_item.done")
+            assert (
+                kinds.index("response.created")
+                < kinds.index("response.output_item.added")
+                < kinds.index("response.content_part.added")
+                < kinds.index("response.output_audio.delta")
+                < kinds.index("response.output_audio.done")
+                < kinds.index("response.output_item.done")
+            )
             audio = audio_of(got)
             assert len(audio) == 25 * TOKEN_MS * 48  # 25 tokens of 24 kHz int16
             r = done["response"]
             assert r["status"] in ("completed", "incomplete") and r["usage"]["output_tokens"] == 25
             assert r["output"][0]["role"] == "assistant" and r["output"][0]["content"][0]["type"] == "output_audio"
+
     asyncio.run(main())
 
 
@@ -131,9 +152,18 @@ def test_manual_commit_turn_and_g711(realtime_stack, question):
     async def main():
         async with connect(realtime_stack) as conn:
             c = await opened(conn)
-            await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
-                "input": {"turn_detection": None, "format": {"type": "audio/pcmu"}},
-                "output": {"format": {"type": "audio/pcma"}}}}})
+            await c.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "realtime",
+                        "audio": {
+                            "input": {"turn_detection": None, "format": {"type": "audio/pcmu"}},
+                            "output": {"format": {"type": "audio/pcma"}},
+                        },
+                    },
+                }
+            )
             updated, _ = await c.until("session.updated")
             assert updated["session"]["audio"]["input"]["turn_detection"] is None
             ulaw = FORMATS["audio/pcmu"].from_pcm16(resample(question, 24000, 8000))
@@ -145,6 +175,7 @@ def test_manual_commit_turn_and_g711(realtime_stack, question):
             done, got = await c.until("response.done")
             assert len(audio_of(got)) == 25 * TOKEN_MS * 8  # A-law: 8 kHz, one byte a sample
             assert not any(e["type"] == "input_audio_buffer.speech_started" for e in c.seen)
+
     asyncio.run(main())
 
 
@@ -154,8 +185,16 @@ def test_text_turn_with_text_output_and_multi_turn_history(realtime_stack):
             c = await opened(conn)
             prompts = []
             for question in ["Hello there.", "What is two plus two?", "And three plus three?"]:
-                await c.send({"type": "conversation.item.create", "item": {
-                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}})
+                await c.send(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {
+                            "type": "message",
+                            "role": "user",
+                            "content": [{"type": "input_text", "text": question}],
+                        },
+                    }
+                )
                 added, _ = await c.until("conversation.item.added")
                 assert added["item"]["content"][0]["text"] == question
                 await c.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
@@ -167,6 +206,7 @@ def test_text_turn_with_text_output_and_multi_turn_history(realtime_stack):
                 assert done["response"]["output_modalities"] == ["text"]
                 prompts.append(done["response"]["usage"]["input_tokens"])
             assert prompts[0] < prompts[1] < prompts[2]  # each turn carries the history of the ones before
+
     asyncio.run(main())
 
 
@@ -176,8 +216,16 @@ def test_response_cancel_then_answer_again(realtime_stack):
             c = await opened(conn)
             await c.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 300}})
             await c.until("session.updated")
-            await c.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+            await c.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "Tell me a story."}],
+                    },
+                }
+            )
             await c.send({"type": "response.create"})
             await c.until("response.output_audio.delta")
             await c.send({"type": "response.cancel"})
@@ -193,6 +241,7 @@ def test_response_cancel_then_answer_again(realtime_stack):
             done, got = await c.until("response.done")
             assert done["response"]["status"] == "incomplete", done
             assert len(audio_of(got)) == 10 * TOKEN_MS * 48
+
     asyncio.run(main())
 
 
@@ -200,10 +249,16 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
     async def main():
         async with connect(realtime_stack) as conn:
             c = await opened(conn)
-            await c.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 300,
-                                                                "audio": {"input": {"turn_detection": {
-                                                                    "type": "server_vad",
-                                                                    "silence_duration_ms": 300}}}}})
+            await c.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "realtime",
+                        "max_output_tokens": 300,
+                        "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}},
+                    },
+                }
+            )
             await c.until("session.updated")
             silence = np.zeros(12000, np.int16)
             await c.append(np.concatenate([silence, question, silence, silence]))
@@ -217,31 +272,40 @@ def test_barge_in_cancels_and_truncate_cuts_history(realtime_stack, question):
             assert done["response"]["status"] == "cancelled"
             assert done["response"]["status_details"]["reason"] == "turn_detected"
             deltas = [e for e in c.seen if e["type"] == "response.output_audio.delta"]
-            assert not any(e["type"] == "response.output_audio.delta" for e in after[after.index(done):])
+            assert not any(e["type"] == "response.output_audio.delta" for e in after[after.index(done) :])
             barge_ms = 1000 * max(0.0, deltas[-1]["_t"] - t_start)
             print(f"barge-in: last audio delta {barge_ms:.1f} ms after speech_started")
             assert barge_ms < 500
             cancelled_item = done["response"]["output"][0]
             # truncating the cancelled answer: it never entered the model's history, the event still confirms
-            await c.send({"type": "conversation.item.truncate", "item_id": cancelled_item["id"], "content_index": 0,
-                          "audio_end_ms": 100})
+            await c.send(
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": cancelled_item["id"],
+                    "content_index": 0,
+                    "audio_end_ms": 100,
+                }
+            )
             truncated, _ = await c.until("conversation.item.truncated")
             assert truncated["audio_end_ms"] == 100
             await c.append(np.concatenate([silence, silence, silence]))
             done, got = await c.until("response.done")  # the answer to both questions (the first was cut off)
             assert done["response"]["status"] == "incomplete", [e for e in got if e["type"] == "error"]
             answer = done["response"]["output"][0]["id"]
-            await c.send({"type": "conversation.item.truncate", "item_id": answer, "content_index": 0,
-                          "audio_end_ms": 5000})
+            await c.send(
+                {"type": "conversation.item.truncate", "item_id": answer, "content_index": 0, "audio_end_ms": 5000}
+            )
             err, _ = await c.until("error")
             assert err["error"]["code"] == "invalid_value" and err["error"]["param"] == "audio_end_ms"
-            await c.send({"type": "conversation.item.truncate", "item_id": answer, "content_index": 0,
-                          "audio_end_ms": 800})
+            await c.send(
+                {"type": "conversation.item.truncate", "item_id": answer, "content_index": 0, "audio_end_ms": 800}
+            )
             truncated, _ = await c.until("conversation.item.truncated")
             assert truncated["item_id"] == answer
             await c.send({"type": "conversation.item.retrieve", "item_id": answer})
             item, _ = await c.until("conversation.item.retrieved")
             assert item["item"]["content"][0]["transcript"] == ""
+
     asyncio.run(main())
 
 
@@ -286,44 +350,81 @@ def test_bad_events_get_errors_and_the_socket_stays_usable(realtime_stack):
             assert c.seen[-1]["error"]["event_id"] == "e1"  # names the client event it answers
             await c.send_raw(json.dumps({"type": "input_audio_buffer.append", "audio": "@@@not-base64@@@"}))
             await expect("invalid_base64", "audio")
-            await c.send_raw(json.dumps({"type": "input_audio_buffer.append",
-                                         "audio": base64.b64encode(b"\x00" * 3).decode()}))
+            await c.send_raw(
+                json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x00" * 3).decode()})
+            )
             await expect("invalid_audio")  # 3 bytes is not whole 16-bit samples
             big = base64.b64encode(b"\x00" * (1024 * 1024 + 2)).decode()
             await c.send_raw(json.dumps({"type": "input_audio_buffer.append", "audio": big}))
             await expect("input_audio_buffer_append_too_large")
-            await c.send_raw(json.dumps({"type": "session.update", "session": {
-                "type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
+            await c.send_raw(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "type": "realtime",
+                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                        },
+                    }
+                )
+            )
             await expect("invalid_value")
-            await c.send_raw(json.dumps({"type": "session.update", "session": {
-                "type": "realtime", "audio": {"output": {"voice": "no-such-voice"}}}}))
+            await c.send_raw(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"type": "realtime", "audio": {"output": {"voice": "no-such-voice"}}},
+                    }
+                )
+            )
             await expect("invalid_value")
             await c.send({"type": "input_audio_buffer.commit"})
             await expect("input_audio_buffer_commit_empty")
             await c.send({"type": "response.create"})
             await expect("no_input")
-            await c.send({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
-                          "audio_end_ms": 10})
+            await c.send(
+                {"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0, "audio_end_ms": 10}
+            )
             await expect("item_not_found", "item_id")
             await c.send({"type": "conversation.item.delete", "item_id": "item_nope"})
             await expect("item_not_found")
-            await c.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}})
+            await c.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]},
+                }
+            )
             await expect("unsupported")
-            await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-                "turn_detection": {"type": "semantic_vad"}}}}})
+            await c.send(
+                {
+                    "type": "session.update",
+                    "session": {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+                }
+            )
             await expect("unsupported")
             # a text item, then one in the wrong state: a second response.create while the first runs
-            await c.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]}})
+            await c.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]},
+                }
+            )
             await c.send({"type": "response.create"})
             await c.send({"type": "response.create"})
             await expect("conversation_already_has_active_response")
             done, _ = await c.until("response.done")
             # delete an unanswered item
-            await c.send({"type": "conversation.item.create", "item": {
-                "id": "item_mine", "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": "never mind"}]}})
+            await c.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "id": "item_mine",
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "never mind"}],
+                    },
+                }
+            )
             await c.until("conversation.item.done")
             await c.send({"type": "conversation.item.delete", "item_id": "item_mine"})
             deleted, _ = await c.until("conversation.item.deleted")
@@ -332,6 +433,7 @@ def test_bad_events_get_errors_and_the_socket_stays_usable(realtime_stack):
             await c.send({"type": "session.update", "session": {"type": "realtime", "instructions": "ok"}})
             await c.until("session.updated")
             assert "moss_speech_realtime_errors_total" in realtime_stack.metrics()
+
     asyncio.run(main())
 
 
@@ -352,6 +454,7 @@ def test_connection_limit_and_http_routes(realtime_stack):
         finally:
             for ws in open_:
                 await ws.close()
+
     asyncio.run(main())
     base = f"http://127.0.0.1:{realtime_stack.port}"
     page = urllib.request.urlopen(base + "/", timeout=5).read().decode()

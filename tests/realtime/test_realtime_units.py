@@ -24,8 +24,9 @@ def _audioop():
 @pytest.mark.parametrize("kind", ["audio/pcmu", "audio/pcma"])
 def test_g711_equals_itu_reference_for_every_sample(kind):
     audioop = _audioop()
-    lin2, to_lin = (audioop.lin2ulaw, audioop.ulaw2lin) if kind == "audio/pcmu" else (audioop.lin2alaw,
-                                                                                        audioop.alaw2lin)
+    lin2, to_lin = (
+        (audioop.lin2ulaw, audioop.ulaw2lin) if kind == "audio/pcmu" else (audioop.lin2alaw, audioop.alaw2lin)
+    )
     every = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
     fmt = FORMATS[kind]
     assert fmt.from_pcm16(every) == lin2(every.tobytes(), 2)
@@ -43,17 +44,36 @@ def test_pcm_format_roundtrip_and_resample():
 
 
 def test_client_events_validate():
-    e = ev.parse_client_event({"type": "session.update", "session": {
-        "type": "realtime", "instructions": "hi", "tracing": "auto",  # unknown options are ignored
-        "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}}})
+    e = ev.parse_client_event(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "hi",
+                "tracing": "auto",  # unknown options are ignored
+                "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}},
+            },
+        }
+    )
     assert e.session.audio.input.format.type == "audio/pcmu"
     assert "turn_detection" in e.session.audio.input.model_fields_set and e.session.audio.input.turn_detection is None
-    for bad, code in [([], "invalid_event"), ({"type": 3}, "invalid_event"), ({"type": "nope"}, "unknown_event_type"),
-                      ({"type": "input_audio_buffer.append"}, "invalid_value"),
-                      ({"type": "session.update", "session": {"audio": {"input": {"format": {
-                          "type": "audio/pcm", "rate": 16000}}}}}, "invalid_value"),
-                      ({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0,
-                        "audio_end_ms": -1}, "invalid_value")]:
+    for bad, code in [
+        ([], "invalid_event"),
+        ({"type": 3}, "invalid_event"),
+        ({"type": "nope"}, "unknown_event_type"),
+        ({"type": "input_audio_buffer.append"}, "invalid_value"),
+        (
+            {
+                "type": "session.update",
+                "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+            },
+            "invalid_value",
+        ),
+        (
+            {"type": "conversation.item.truncate", "item_id": "x", "content_index": 0, "audio_end_ms": -1},
+            "invalid_value",
+        ),
+    ]:
         with pytest.raises(ev.ProtocolError) as info:
             ev.parse_client_event(bad)
         assert info.value.code == code, bad
@@ -67,13 +87,26 @@ def test_server_events_match_the_sdk_models():
     from pydantic import TypeAdapter
 
     adapter = TypeAdapter(rt.RealtimeServerEvent)
-    resp = ev.response_obj("resp_1", "conv_1", "cancelled", ["audio"], "default", {"type": "audio/pcm", "rate": 24000},
-                           [ev.assistant_item("item_1", "audio", "incomplete", "hi")], reason="turn_detected",
-                           usage=ev.usage_obj(10, 5, True, True))
-    for e in [ev.event("response.done", response=resp),
-              ev.error_event(ev.ProtocolError("invalid_json", "bad"), "evt_1"),
-              ev.event("conversation.item.added", previous_item_id=None,
-                       item=ev.user_item("item_2", [{"type": "input_text", "text": "x"}]))]:
+    resp = ev.response_obj(
+        "resp_1",
+        "conv_1",
+        "cancelled",
+        ["audio"],
+        "default",
+        {"type": "audio/pcm", "rate": 24000},
+        [ev.assistant_item("item_1", "audio", "incomplete", "hi")],
+        reason="turn_detected",
+        usage=ev.usage_obj(10, 5, True, True),
+    )
+    for e in [
+        ev.event("response.done", response=resp),
+        ev.error_event(ev.ProtocolError("invalid_json", "bad"), "evt_1"),
+        ev.event(
+            "conversation.item.added",
+            previous_item_id=None,
+            item=ev.user_item("item_2", [{"type": "input_text", "text": "x"}]),
+        ),
+    ]:
         assert adapter.validate_python(e).type == e["type"]
 
 
@@ -81,8 +114,11 @@ def _speech(text: str) -> np.ndarray:
     wav = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "--stdout", text], capture_output=True).stdout
     if not wav:
         pytest.skip("needs espeak-ng")
-    raw = subprocess.run(["sox", "-t", "wav", "-", "-t", "raw", "-r", "16000", "-c", "1", "-b", "16", "-e",
-                          "signed-integer", "-L", "-"], input=wav, capture_output=True).stdout
+    raw = subprocess.run(
+        ["sox", "-t", "wav", "-", "-t", "raw", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", "-L", "-"],
+        input=wav,
+        capture_output=True,
+    ).stdout
     return np.frombuffer(raw, dtype="<i2")
 
 
@@ -96,7 +132,7 @@ def test_vad_endpointing_on_speech_and_silence():
     e = Endpointer(cfg)
     events = []
     for i in range(0, len(audio), 320):  # 20 ms pieces, as a client sends them
-        events += e.feed(audio[i:i + 320])
+        events += e.feed(audio[i : i + 320])
     assert [x.kind for x in events] == ["start", "stop"], events
     voiced = np.nonzero(np.abs(speech) > 500)[0]
     onset_ms, offset_ms = 1000 + voiced[0] / 16, 1000 + voiced[-1] / 16
@@ -107,9 +143,11 @@ def test_vad_endpointing_on_speech_and_silence():
 
 
 def test_vad_runs_without_torch():
-    code = ("import sys; from moss_speech.services.realtime.vad import Endpointer, VadConfig; import numpy as np; "
-            "Endpointer(VadConfig()).feed(np.zeros(4096, np.int16)); "
-            "import moss_speech.services.realtime.server; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from moss_speech.services.realtime.vad import Endpointer, VadConfig; import numpy as np; "
+        "Endpointer(VadConfig()).feed(np.zeros(4096, np.int16)); "
+        "import moss_speech.services.realtime.server; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
