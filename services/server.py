@@ -32,7 +32,6 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
@@ -148,6 +147,10 @@ def to_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
 def retry_metadata(retry_after: float, message: str) -> tuple[tuple[str, str | bytes], ...]:
     """`retry-after-ms` and a google.rpc.Status with RetryInfo (what grpcio-status clients read)."""
     ms = max(1, math.ceil(1000 * retry_after))
+    try:  # googleapis-common-protos (see pyproject); without it, retry-after-ms alone
+        from google.rpc import code_pb2, error_details_pb2, status_pb2
+    except ImportError:
+        return (("retry-after-ms", str(ms)),)
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
                                                                           nanos=(ms % 1000) * 1_000_000))
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)  # = the call's details
