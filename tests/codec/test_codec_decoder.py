@@ -47,6 +47,7 @@ def test_streamed_matches_offline_within_bound(codec, offline, streamed):
     assert snr_db(offline, streamed) >= MIN_STREAM_SNR_DB
 
 
+@pytest.mark.slow
 def test_bound_is_sensitive_to_misalignment(codec, offline, streamed):
     shifted = np.concatenate([streamed[240:], np.zeros(240, np.float32)])  # 10 ms off
     assert snr_db(offline, shifted) < MIN_STREAM_SNR_DB

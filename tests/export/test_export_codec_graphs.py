@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest_plugins = ["tests.export.codec_fixtures"]
-pytestmark = pytest.mark.usefixtures("codec_single_thread")
+pytestmark = [pytest.mark.usefixtures("codec_single_thread"), pytest.mark.slow]  # one codec ONNX export for the module
 
 MEL_ATOL = 1e-4
 FLOW_ATOL = 1e-4

@@ -16,7 +16,7 @@ from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 pytest_plugins = ["tests.export.codec_fixtures"]
-pytestmark = pytest.mark.usefixtures("codec_single_thread")
+pytestmark = [pytest.mark.usefixtures("codec_single_thread"), pytest.mark.slow]  # one codec ONNX export for the module
 
 DECODE_ATOL = 1e-4
 MIN_SNR_DB = 60.0

@@ -56,6 +56,7 @@ def test_graph_interface(tiny_llm_onnx, llm_session, tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_prefill_and_decode_with_past_match_torch_batch2_left_padded(llm_session, tiny_model):
     cfg = tiny_model.config
     prompts = [rows(5, 1), rows(9, 2)]
@@ -108,6 +109,7 @@ def test_shorter_rows_keep_left_aligned_past_with_a_masked_tail(llm_session, tin
         np.testing.assert_allclose(audio[i], ref_a[0].numpy(), atol=LOGIT_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(tiny_llm_onnx, tiny_model, tmp_path):
     again = export_llm_onnx(tiny_model, tmp_path / "again.onnx")
     assert again.sha256 == tiny_llm_onnx.sha256 and again.bytes == tiny_llm_onnx.bytes

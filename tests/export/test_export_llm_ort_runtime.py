@@ -53,6 +53,7 @@ def test_cache_is_preallocated_and_written_in_place(tiny_llm_onnx, tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_matches_torch_runtime_on_leading_slots(tiny_llm_onnx, tiny_model):
     """Slots 0..B-1 in order (the torch runtime's no-copy path) with different lengths."""
     ort_rt = OrtLLMRuntime(tiny_llm_onnx.path, tiny_model.config, max_slots=4, max_context=64)

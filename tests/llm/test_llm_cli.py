@@ -31,6 +31,7 @@ def test_tiny_checkpoint_then_generate_matches_the_library(tmp_path):
     assert answer["prompt_tokens"] == prompt.shape[0]
 
 
+@pytest.mark.slow
 def test_generate_reports_a_bad_checkpoint_in_one_line(tmp_path):
     out = cli("generate", "--checkpoint", str(tmp_path), "--text", "hi")
     assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr

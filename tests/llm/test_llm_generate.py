@@ -163,6 +163,7 @@ def test_greedy_is_deterministic_and_sampling_reproducible_by_seed(tiny_model, p
     assert not torch.equal(s1.rows, s3.rows)
 
 
+@pytest.mark.slow
 def test_spoken_reply_starts_in_audio_mode(tiny_model, prompt_builder):
     res = generate(tiny_model, [speech_prompt(prompt_builder, [1, 2, 3])], SamplingParams.greedy(max_new_tokens=5))[0]
     assert res.steps[0].mode == "audio" and res.rows[0, 0] == MPAD
@@ -187,6 +188,7 @@ def test_batched_generation_equals_each_alone(tiny_model, prompt_builder, sampli
         assert len(res.steps) == 12
 
 
+@pytest.mark.slow
 def test_stream_yields_each_step_as_generate_returns(tiny_model, prompt_builder):
     prompt = speech_prompt(prompt_builder, [5, 6, 7])
     params = SamplingParams.greedy(max_new_tokens=9)

@@ -114,6 +114,7 @@ def test_slots_are_reused_and_exhaustion_is_reported(make_runtime, prompt_builde
     assert rt.free_slots == 1
 
 
+@pytest.mark.slow
 def test_context_errors_name_both_numbers(make_runtime, prompt_builder):
     rt = make_runtime(max_slots=1, max_context=32)
     p = prompts(prompt_builder)[1]

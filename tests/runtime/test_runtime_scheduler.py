@@ -101,6 +101,7 @@ def test_client_side_cancel_flag(tiny_model, prompt_builder):
     assert c.done.is_set() and engine.runtime.free_slots == 4
 
 
+@pytest.mark.slow
 def test_history_rows_extend_the_next_prompt(tiny_model, prompt_builder):
     engine = engine_for(tiny_model, prompt_builder)
     first = speech_request(1, n_new=6)

@@ -61,6 +61,7 @@ def test_user_speech_turn_and_earlier_assistant_turns_are_never_targets(prompt_b
     assert s.kind == "s2t"
 
 
+@pytest.mark.slow
 def test_loss_is_text_ce_on_text_answer_rows_plus_audio_ce_on_audio_answer_rows(tiny_model, samples):
     """compute_loss against a by-hand loss from the full forward: both heads, answer rows only."""
     for s in (samples["speech"][2], samples["speech"][0]):  # s2s, s2t
@@ -80,6 +81,7 @@ def test_loss_is_text_ce_on_text_answer_rows_plus_audio_ce_on_audio_answer_rows(
         torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packing_restarts_positions_and_matches_unpacked_forward(tiny_model, samples):
     a, b = samples["text"][0], samples["speech"][2]
     batch = pack([a, b], a.grid.shape[0] + b.grid.shape[0] + 3, PAD, (151643, APAD))

@@ -67,6 +67,7 @@ def test_stage1_trains_only_speech_parts_and_text_behaviour_is_bit_identical(tin
         assert torch.equal(before, after)  # bit-identical, not merely close
 
 
+@pytest.mark.slow
 def test_joint_stage_does_change_text_behaviour(tiny_dir, samples, tmp_path):
     """The control: the same check must fail once the trunk thaws (so the test above can fail)."""
     model, trainer, stage, stream = _setup(tiny_dir, samples, tmp_path, 1)
