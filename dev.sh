@@ -29,7 +29,9 @@ python_env() {
   local stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[model,dev,triton-local,trt-rtx,tracing]"
+    "$VENV/bin/pip" install -q -e ".[model,dev,triton-local,trt-rtx,tracing,realtime]"
+    # silero-vad hard-requires torch but the gateway only reads its ONNX model: no dependencies.
+    "$VENV/bin/pip" install -q --no-deps "silero-vad==6.2.3"
     touch "$stamp"
   fi
 }

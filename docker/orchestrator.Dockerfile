@@ -16,8 +16,11 @@ COPY contract/ contract/
 COPY cli/ cli/
 COPY proto/ proto/
 # A regular (not editable) install: the image carries no source tree.
+# The same image runs the realtime gateway (`moss-speech realtime`): the `realtime` extra (websockets, onnxruntime)
+# and silero-vad without its torch requirement (only its ONNX model is read); `tracing` for OpenTelemetry.
 # The import check fails the build if the service ever needs torch again.
-RUN pip install . && python -c "import moss_speech.services.server"
+RUN pip install ".[tracing,realtime]" && pip install --no-deps "silero-vad==6.2.3" \
+    && python -c "import moss_speech.services.server, moss_speech.services.realtime.server, sys; assert 'torch' not in sys.modules"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 # libsndfile: soundfile (audio decode of client uploads).
