@@ -20,11 +20,6 @@ from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def model_repo(cpu_repo) -> Path:
-    return cpu_repo
-
-
-@pytest.fixture(scope="session")
 def triton(served) -> TritonServer:
     """The session's shared tritonserver: never stop it here (see `own_triton`)."""
     return served
