@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="OpenTelemetry tracing: OTLP/HTTP collector base URL (http://host:4318)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds after SIGTERM before SIGKILL")
+    p.add_argument("--skip-gpu-check", action="store_true",
+                   help="do not check that a KIND_GPU repository's runtime (TensorRT, onnxruntime CUDA, torch CUDA) "
+                        "loads before starting tritonserver")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then extra tritonserver arguments")
     p.set_defaults(func=run_cli)
 
@@ -51,6 +54,17 @@ def run_cli(args: argparse.Namespace) -> int:
     extra = list(args.extra)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if not args.skip_gpu_check:
+        # A GPU repository whose runtime cannot load fails here, in one line, not minutes later inside Triton.
+        from moss_speech.model_repository.runtime.gpu_check import GpuCheckError, check_repository
+
+        try:
+            found = check_repository(args.repo)
+        except GpuCheckError as e:
+            print(f"moss-speech triton: GPU check failed: {e}", file=sys.stderr, flush=True)
+            return 3
+        if found:
+            print(f"moss-speech triton: GPU check passed: {', '.join(found)}", file=sys.stderr, flush=True)
     try:
         srv = TritonServer(
             args.repo,
