@@ -7,8 +7,11 @@ Starts the gRPC service and the gateway as subprocesses (as in production: separ
    same answer length): manual turns, the clock starts when the turn is handed over (`response.create` /
    `end_of_turn`) and stops at the first audio the client receives;
 2. barge-in: from the `speech_started` event the client receives to the last audio delta it receives;
-3. endpointing: audio sent in real time (20 ms pieces); from the moment the silence after the question had lasted the
-   configured `silence_duration_ms` to `speech_stopped` arriving (the delay beyond the configured silence);
+3. endpointing: audio sent in real time (40 ms pieces); `speech_stopped` arriving, minus the configured
+   `silence_duration_ms`, counted from the send of the piece holding the last voiced sample (as before; it carries
+   this audio's fixed piece-phase offset, +20 ms for the bench question) and from the send of the piece that
+   completes the configured silence after that sample (the gateway's own delay: what the client could not have
+   sent earlier is not counted);
 4. a soak: N concurrent WebSocket conversations (server VAD, spoken turns) for D seconds; errors counted.
 """
 
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moss_speech.services.api import speech_pb2, speech_pb2_grpc  # noqa: E402
 from tests.realtime.conftest import speak, start_gateway, start_service  # noqa: E402
 
-PIECE = 960  # 20 ms at 24 kHz
+PIECE = 960  # 40 ms at 24 kHz
 
 
 class WS:
@@ -136,7 +139,7 @@ async def barge_in(url: str, question: np.ndarray) -> float:
         return 1000 * (deltas[-1] - t_start)
 
 
-async def endpointing(url: str, question: np.ndarray, silence_ms: int) -> float:
+async def endpointing(url: str, question: np.ndarray, silence_ms: int) -> tuple[float, float]:
     async with connect(url, max_size=None) as raw:
         ws = WS(raw)
         await ws.until("session.created")
@@ -162,7 +165,8 @@ async def endpointing(url: str, question: np.ndarray, silence_ms: int) -> float:
         _, t_stop, _ = await ws.until("input_audio_buffer.speech_stopped")
         sent = await sender
         t_offset_sent = sent[offset // PIECE]
-        return 1000 * (t_stop - t_offset_sent) - silence_ms
+        t_silence_sent = sent[(offset + silence_ms * 24) // PIECE]
+        return 1000 * (t_stop - t_offset_sent) - silence_ms, 1000 * (t_stop - t_silence_sent)
 
 
 async def soak(url: str, question: np.ndarray, conversations: int, duration: float) -> dict:
@@ -200,23 +204,29 @@ def summary(xs: list[float]) -> str:
 
 async def main_async(args, url: str, grpc_address: str) -> None:
     question = speak("What is the tallest mountain in the world?")
-    async with grpc.aio.insecure_channel(grpc_address) as channel:
-        stub = speech_pb2_grpc.MossSpeechStub(channel)
-        await ttfa_pair(url, stub, question, args.tokens)  # warm-up
-        ws_ms, grpc_ms = [], []
-        for _ in range(args.repeats):
-            a, b = await ttfa_pair(url, stub, question, args.tokens)
-            ws_ms.append(a)
-            grpc_ms.append(b)
-    diffs = [a - b for a, b in zip(ws_ms, grpc_ms, strict=True)]
-    print("\n## time to first audio (manual turn, 40 speech tokens max)")
-    print(f"  WebSocket  {summary(ws_ms)}")
-    print(f"  gRPC       {summary(grpc_ms)}")
-    print(f"  paired difference WebSocket - gRPC: median {statistics.median(diffs):+.1f} ms")
-    barge = [await barge_in(url, question) for _ in range(args.barge)]
-    print(f"\n## barge-in: speech_started -> last audio delta  {summary(barge)}")
-    ends = [await endpointing(url, question, args.silence_ms) for _ in range(args.endpoint)]
-    print(f"\n## endpointing delay beyond silence_duration_ms={args.silence_ms}  {summary(ends)}")
+    if args.repeats:
+        async with grpc.aio.insecure_channel(grpc_address) as channel:
+            stub = speech_pb2_grpc.MossSpeechStub(channel)
+            await ttfa_pair(url, stub, question, args.tokens)  # warm-up
+            ws_ms, grpc_ms = [], []
+            for _ in range(args.repeats):
+                a, b = await ttfa_pair(url, stub, question, args.tokens)
+                ws_ms.append(a)
+                grpc_ms.append(b)
+        diffs = [a - b for a, b in zip(ws_ms, grpc_ms, strict=True)]
+        print(f"\n## time to first audio (manual turn, {args.tokens} speech tokens max)")
+        print(f"  WebSocket  {summary(ws_ms)}")
+        print(f"  gRPC       {summary(grpc_ms)}")
+        print(f"  paired differences WebSocket - gRPC: {' '.join(f'{d:+.0f}' for d in diffs)}")
+        print(f"  paired difference WebSocket - gRPC: median {statistics.median(diffs):+.1f} ms")
+    if args.barge:
+        barge = [await barge_in(url, question) for _ in range(args.barge)]
+        print(f"\n## barge-in: speech_started -> last audio delta  {summary(barge)}")
+    if args.endpoint:
+        ends = [await endpointing(url, question, args.silence_ms) for _ in range(args.endpoint)]
+        print(f"\n## endpointing delay beyond silence_duration_ms={args.silence_ms}")
+        print(f"  from the last voiced sample's piece       {summary([a for a, _ in ends])}")
+        print(f"  from the piece completing the silence     {summary([b for _, b in ends])}")
     if args.soak:
         s = await soak(url, question, args.conversations, args.soak)
         print(

@@ -307,7 +307,7 @@ class Connection:
         self.speech_item: str | None = None
         c = self.config
         self.endpointer = Endpointer(c.vad) if c.vad else None
-        self.to_vad = Resampler(c.in_format.rate, VAD_RATE) if c.vad else None
+        self.to_vad = Resampler(c.in_format.rate, VAD_RATE, quality="QQ") if c.vad else None
 
     def _ms(self, samples: int) -> int:
         return int(round(1000 * samples / self.config.in_format.rate))

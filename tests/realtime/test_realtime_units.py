@@ -122,22 +122,32 @@ def _speech(text: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2")
 
 
-def test_vad_endpointing_on_speech_and_silence():
+@pytest.mark.parametrize("noise_dbfs", [None, -50.0])
+def test_vad_endpointing_on_speech_and_silence(noise_dbfs):
     from moss_speech.services.realtime.vad import Endpointer, VadConfig
 
     speech = _speech("What is the tallest mountain in the world?")
     silence = np.zeros(16000, np.int16)
-    audio = np.concatenate([silence, speech, silence])
+    audio = np.concatenate([silence, speech, silence]).astype(np.float64)
+    if noise_dbfs is not None:  # a microphone's noise floor under the whole stream
+        audio += np.random.default_rng(0).normal(0, 32768 * 10 ** (noise_dbfs / 20), len(audio))
+    audio = np.clip(audio, -32768, 32767).astype(np.int16)
     cfg = VadConfig(prefix_padding_ms=200, silence_duration_ms=400)
-    e = Endpointer(cfg)
-    events = []
-    for i in range(0, len(audio), 320):  # 20 ms pieces, as a client sends them
-        events += e.feed(audio[i : i + 320])
-    assert [x.kind for x in events] == ["start", "stop"], events
     voiced = np.nonzero(np.abs(speech) > 500)[0]
     onset_ms, offset_ms = 1000 + voiced[0] / 16, 1000 + voiced[-1] / 16
-    assert abs(events[0].ms - (onset_ms - 200)) <= 100
-    assert offset_ms + 400 <= events[1].ms <= offset_ms + 400 + 250
+    for piece in (160, 320, 2400):  # 10 ms, 20 ms (as the page sends) and 150 ms appends
+        e = Endpointer(cfg)
+        events = []
+        for i in range(0, len(audio), piece):
+            got = e.feed(audio[i : i + piece])
+            events += [(x, i + piece) for x in got]
+        assert [x.kind for x, _ in events] == ["start", "stop"], events
+        (start, _), (stop, fed) = events
+        assert abs(start.ms - (onset_ms - 200)) <= 100
+        # The turn ends where the speech's energy ended plus the configured silence (not ~100 ms later, where
+        # silero's probability falls), as soon as the audio up to that point has arrived.
+        assert offset_ms + 400 - 20 <= stop.ms <= offset_ms + 400 + 15, (piece, stop.ms - offset_ms - 400)
+        assert fed < 16 * stop.ms + piece + 1, (piece, fed / 16 - stop.ms)  # no waiting for a later frame
     e2 = Endpointer(cfg)
     assert sum((e2.feed(silence) for _ in range(3)), []) == []  # silence alone: nothing
 
