@@ -66,3 +66,62 @@ def test_realtime_values_are_schema_checked(helm: Helm, tmp_path):
     proc = helm.run(*helm.template_args([f]), check=False)
     assert proc.returncode != 0 and "port" in proc.stderr
     assert (CHART / "templates" / "realtime.yaml").is_file()
+
+
+def _allows(policy: dict, direction: str, peer_labels: dict, port: int) -> bool:
+    """Whether one of the policy's rules in `direction` (ingress/egress) admits pods labelled `peer_labels` on
+    `port` (podSelector matchLabels peers only, as this chart writes them)."""
+    key = "from" if direction == "ingress" else "to"
+    for rule in policy["spec"].get(direction, []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        peers = rule.get(key)
+        if ports and port not in ports:
+            continue
+        if peers is None:
+            return True
+        for peer in peers:
+            labels = peer.get("podSelector", {}).get("matchLabels")
+            if labels is not None and "namespaceSelector" not in peer and labels.items() <= peer_labels.items():
+                return True
+    return False
+
+
+def _selected(docs: list[dict], labels: dict) -> list[dict]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+
+
+def test_network_policies_let_the_gateway_reach_the_orchestrator(helm: Helm, tmp_path):
+    # clientsFrom set: the orchestrator's own policy admits only those clients; the gateway must still get in.
+    only = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}]
+    docs = _render(helm, tmp_path, {"realtime": {"enabled": True}, "networkPolicy": {"clientsFrom": only}})
+    rt = _find(docs, "Deployment", f"{RELEASE}-moss-speech-realtime")
+    orch = _find(docs, "Deployment", f"{RELEASE}-moss-speech-orchestrator")
+    rt_labels = rt["spec"]["template"]["metadata"]["labels"]
+    orch_labels = orch["spec"]["template"]["metadata"]["labels"]
+    port = next(
+        p["containerPort"] for p in orch["spec"]["template"]["spec"]["containers"][0]["ports"] if p["name"] == "grpc"
+    )
+    target = rt["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"]
+    assert target.endswith(f":{port}")
+    ingress = [p for p in _selected(docs, orch_labels) if "Ingress" in p["spec"]["policyTypes"]]
+    assert ingress and any(_allows(p, "ingress", rt_labels, port) for p in ingress)
+    # ...and a stranger pod is not admitted by the policy added for the gateway
+    added = _find(docs, "NetworkPolicy", f"{RELEASE}-moss-speech-orchestrator-from-realtime")
+    assert not _allows(added, "ingress", {"app": "other"}, port)
+    # The gateway's egress: DNS and the orchestrator's gRPC port, not Triton.
+    own = [p for p in _selected(docs, rt_labels) if "Egress" in p["spec"]["policyTypes"]]
+    assert own and all(_allows(p, "egress", orch_labels, port) for p in own)
+    triton = _find(docs, "Deployment", f"{RELEASE}-moss-speech-triton")
+    triton_labels = triton["spec"]["template"]["metadata"]["labels"]
+    assert not any(_allows(p, "egress", triton_labels, 8001) for p in own)
+    # The public WebSocket port is open to everyone.
+    assert any(_allows(p, "ingress", {}, 8080) for p in own)
+
+
+def test_network_policies_off_render_none_for_the_gateway(helm: Helm, tmp_path):
+    docs = _render(helm, tmp_path, {"realtime": {"enabled": True}, "networkPolicy": {"enabled": False}})
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
