@@ -1,4 +1,4 @@
-"""The build init container's memory comes from the checkpoint size (values build.memory), not Triton's limits."""
+"""The build Job's memory comes from the checkpoint size (values build.memory), not Triton's limits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def _init(helm, tmp_path, overrides: str) -> dict:
     values.write_text(overrides)
     docs = helm.render([values])
     pod = component(docs, "Deployment", "triton")["spec"]["template"]["spec"]
-    (build,) = [c for c in pod["initContainers"] if c["name"] == "build-model-repository"]
+    job = component(docs, "Job", "build")["spec"]["template"]["spec"]
+    (build,) = [c for c in job["containers"] if c["name"] == "build-model-repository"]
     return {"build": build["resources"], "triton": pod["containers"][0]["resources"]}
 
 

@@ -36,7 +36,8 @@ def test_defaults_are_tls_keys_no_reflection_probes_on_health_port(helm: Helm, t
     assert env["MOSS_SPEECH_PLAINTEXT"] == "false" and env["MOSS_SPEECH_AUTH"] == "api_keys"
     assert env["MOSS_SPEECH_REFLECTION"] == "false"
     settings = ServiceSettings(**{k.removeprefix("MOSS_SPEECH_").lower(): v for k, v in env.items()
-                                  if k.startswith("MOSS_SPEECH_")})
+                                  if k.startswith("MOSS_SPEECH_") and v is not None},  # redis_url: a Secret's
+                               redis_url="redis://from-secret:6379/0")
     assert settings.health_port == 8081
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["health"] == 8081
@@ -133,4 +134,6 @@ def test_network_policy_limits_orchestrator_egress(helm: Helm, tmp_path) -> None
                        r["ports"][0]["port"] == values["triton"]["ports"]["grpc"])
     assert triton_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "triton"
     assert extra in rules
-    assert len(rules) == 3  # nothing else leaves the pod
+    redis_rule = next(r for r in rules if r["ports"] == [{"port": 6379, "protocol": "TCP"}])  # the bundled store
+    assert redis_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert len(rules) == 4  # nothing else leaves the pod

@@ -70,7 +70,8 @@ def test_triton_command_default_is_the_launcher(rendered) -> None:
     repo_arg = triton["command"][triton["command"].index("--repo") + 1]
     # Kubernetes expands $(VAR) in commands from the container's env.
     var = re.fullmatch(r"\$\((\w+)\)", repo_arg).group(1)
-    assert env_of(triton)[var] == values["modelRepository"]["path"]
+    repo = values["modelRepository"]
+    assert env_of(triton)[var] == f"{repo['volume']['mountPath']}/{repo['path']}"  # relative: under the mount
 
 
 def test_triton_ports_match_the_launcher_defaults() -> None:
@@ -83,15 +84,15 @@ def test_triton_ports_match_the_launcher_defaults() -> None:
 def test_build_mode_runs_the_builder_into_the_served_repository(rendered) -> None:
     values = chart_values()
     deploy = component(rendered[("default", KV)], "Deployment", "triton")
-    (init,) = pod(deploy)["initContainers"]
+    (init,) = component(rendered[("default", KV)], "Job", "build")["spec"]["template"]["spec"]["containers"]
     args = dict(a.removeprefix("--").split("=", 1) for a in init["args"])
     build = values["modelRepository"]["build"]
-    assert init["command"] == ["moss-speech", "build"]
-    assert args == {"checkpoint": build["checkpoint"], "codec": build["codec"], "target": "gpu",
-                    "out": values["modelRepository"]["path"]}
+    mount = values["modelRepository"]["volume"]["mountPath"]
+    assert "moss-speech build" in init["command"][-2]  # sh -c: under the volume's lock, then the revision mark
+    assert args == {"checkpoint": f"{mount}/{build['checkpoint']}", "codec": f"{mount}/{build['codec']}",
+                    "target": "gpu", "out": f"{mount}/{values['modelRepository']['path']}"}
     # GPU engines are built on the GPU they run on; the cache lives on the PVC, which Triton reads only.
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
-    mount = values["modelRepository"]["volume"]["mountPath"]
     assert args["out"].startswith(mount + "/")
     triton = container(deploy, "triton")
     assert {"name": "models", "mountPath": mount, "readOnly": True} in triton["volumeMounts"]
@@ -121,6 +122,12 @@ def test_orchestrator_env_is_the_settings(rendered, monkeypatch, values_set: str
     values = chart_values(VALUES_SETS[values_set])["orchestrator"]["settings"]
     orch = container(component(docs, "Deployment", "orchestrator"), "orchestrator")
     env = {k: v for k, v in env_of(orch).items() if k.startswith("MOSS_SPEECH_")}
+    # Secret-held settings (the Redis URL): the rendered Secret's value.
+    secrets = by_kind(docs, "Secret")
+    for e in orch["env"]:
+        if "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[ref["name"]]["stringData"][ref["key"]]
 
     for k in list(os.environ):
         if k.startswith("MOSS_SPEECH_"):
@@ -131,6 +138,10 @@ def test_orchestrator_env_is_the_settings(rendered, monkeypatch, values_set: str
 
     assert set(env) == {env_var(f) for f in ServiceSettings.model_fields}
     for key, value in values.items():
+        if key == "health_port" and not value:  # 0 = the chart's orchestrator.healthPort
+            value = chart_values(VALUES_SETS[values_set])["orchestrator"]["healthPort"]
+        if key == "otlp_endpoint" and not value and chart_values(VALUES_SETS[values_set])["tracing"]["enabled"]:
+            value = chart_values(VALUES_SETS[values_set])["tracing"]["otlpEndpoint"]
         assert getattr(settings, key) == value, key
     if "triton_url" not in values:
         service = component(docs, "Service", "triton")

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from moss_speech.services import settings as s
 
 # Fields the chart derives instead of copying a default (triton_url points at the release's Triton Service).
-CHART_DERIVED = {"triton_url"}
+CHART_DERIVED = {"triton_url", "sessions_backend", "redis_url"}  # sessions.backend; redis_url from a Secret
 
 
 @pytest.fixture

@@ -103,6 +103,14 @@ which an int field cannot parse: whole numbers are printed as integers.
 {{- if not (hasKey $s "triton_url") -}}
 {{- $_ := set $s "triton_url" (include "moss-speech.tritonAddress" .) -}}
 {{- end -}}
+{{- /* The store: sessions.backend; redis_url never as plain env (the Deployment reads it from a Secret). */ -}}
+{{- if not (hasKey $s "sessions_backend") -}}
+{{- $_ := set $s "sessions_backend" .Values.sessions.backend -}}
+{{- end -}}
+{{- if $s.redis_url -}}
+{{- fail "orchestrator.settings.redis_url would sit in plain env: put the URL into a Secret and set sessions.redis.external.secretName (and secretKey)" -}}
+{{- end -}}
+{{- $_ := unset $s "redis_url" -}}
 {{- if not $s.health_port -}}
 {{- $_ := set $s "health_port" (int .Values.orchestrator.healthPort) -}}
 {{- end -}}
@@ -114,3 +122,65 @@ which an int field cannot parse: whole numbers are printed as integers.
 
 {{/* Pod metric names served by the prometheus-adapter rules (one place for the rules and the HPAs). */}}
 {{- define "moss-speech.metric.tritonQueue" -}}moss_speech_triton_queue_us_per_request{{- end -}}
+
+{{/* A model path (dict "root" $ "path" p): relative paths sit under modelRepository.volume.mountPath, so moving
+the mount moves every build/model path; an absolute path is used as it is (a repository baked into the image). */}}
+{{- define "moss-speech.modelPath" -}}
+{{- if hasPrefix "/" .path -}}
+{{- .path -}}
+{{- else -}}
+{{- printf "%s/%s" (trimSuffix "/" .root.Values.modelRepository.volume.mountPath) .path -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Files next to the repository on the volume: the build lock and the revision mark the build Job writes. */}}
+{{- define "moss-speech.buildLock" -}}
+{{- printf "%s.build.lock" (include "moss-speech.modelPath" (dict "root" . "path" .Values.modelRepository.path)) -}}
+{{- end -}}
+{{- define "moss-speech.buildMark" -}}
+{{- printf "%s.built-revision" (include "moss-speech.modelPath" (dict "root" . "path" .Values.modelRepository.path)) -}}
+{{- end -}}
+
+{{/* "true" when triton.command is the project's launcher (`moss-speech triton ...`), which takes launcher flags
+and passes the arguments after `--` to tritonserver; "" for plain tritonserver. */}}
+{{- define "moss-speech.tritonLauncher" -}}
+{{- $c := .Values.triton.command -}}
+{{- if and (ge (len $c) 2) (eq (index $c 0) "moss-speech") (eq (index $c 1) "triton") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Pod scheduling shared by the Triton pods and the build Job (same GPU kind, same node pool). */}}
+{{- define "moss-speech.tritonScheduling" -}}
+{{- $t := .Values.triton -}}
+{{- with $t.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with $t.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $t.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $t.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The session store's Redis URL Secret: the bundled Redis's own, or sessions.redis.external's. */}}
+{{- define "moss-speech.redisUrlSecret" -}}
+{{- $r := .Values.sessions.redis -}}
+{{- if $r.bundled.enabled -}}
+name: {{ include "moss-speech.componentName" (dict "root" . "component" "redis") }}
+key: redis-url
+{{- else -}}
+name: {{ required "sessions.backend=redis needs sessions.redis.bundled.enabled or sessions.redis.external.secretName (a Secret holding the URL)" $r.external.secretName }}
+key: {{ $r.external.secretKey }}
+{{- end -}}
+{{- end -}}
+
+{{/* The label of the one Service per component that ServiceMonitors select (its pods' metrics port). */}}
+{{- define "moss-speech.monitoredLabel" -}}
+moss-speech.openmoss.io/metrics: "true"
+{{- end -}}
