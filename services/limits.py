@@ -99,3 +99,43 @@ class Limiter:
         if audio_seconds:
             audio.events.append((now, audio_seconds))
             audio.total += audio_seconds
+
+    def remaining(self, key_id: str) -> dict[str, tuple[float, float, float]]:
+        """The per-minute limits of `key_id` as {name: (limit, remaining, seconds until the oldest use leaves the
+        window)}, for clients that pace themselves (sent as `x-ratelimit-*` trailing metadata)."""
+        now = self._clock()
+        out = {}
+        for name, window, limit in (("turns", self._turns.get(key_id), self.limits.turns_per_minute),
+                                    ("audio-seconds", self._audio.get(key_id), self.limits.audio_seconds_per_minute)):
+            used, reset = 0.0, 0.0
+            if window is not None:
+                window.prune(now)
+                used = window.total
+                reset = window.events[0][0] + WINDOW_SECONDS - now if window.events else 0.0
+            out[name] = (float(limit), max(0.0, limit - used), max(0.0, reset))
+        return out
+
+
+def rate_limit_metadata(remaining: dict[str, tuple[float, float, float]]) -> tuple[tuple[str, str], ...]:
+    """`x-ratelimit-{limit,remaining,reset}-<name>` metadata (reset in seconds) from `Limiter.remaining`."""
+    md = []
+    for name, (limit, left, reset) in remaining.items():
+        md += [(f"x-ratelimit-limit-{name}", f"{limit:g}"), (f"x-ratelimit-remaining-{name}", f"{left:g}"),
+               (f"x-ratelimit-reset-{name}", f"{reset:.3f}")]
+    return tuple(md)
+
+
+def parse_rate_limit_metadata(metadata) -> dict[str, dict[str, float]]:
+    """The inverse of `rate_limit_metadata` for clients: {name: {"limit", "remaining", "reset"}}; bad values are
+    skipped."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metadata or ():
+        if not key.startswith("x-ratelimit-") or isinstance(value, bytes):
+            continue
+        field_, _, name = key.removeprefix("x-ratelimit-").partition("-")
+        if field_ in ("limit", "remaining", "reset") and name:
+            try:
+                out.setdefault(name, {})[field_] = float(value)
+            except ValueError:
+                continue
+    return out

@@ -44,7 +44,7 @@ from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
 from moss_speech.services.auth import ApiKeys, AuthError, key_id_var
 from moss_speech.services.guard import MalformedMessage, guarded_handler
-from moss_speech.services.limits import Limiter, LimitError, Limits
+from moss_speech.services.limits import Limiter, LimitError, Limits, rate_limit_metadata
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
 from moss_speech.services.session_store import AsyncSessionStore, SessionStoreUnavailableError, make_session_store
@@ -532,6 +532,8 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                 if text is not None or buffer.size:  # the client closed without end_of_turn: finish that turn
                     async for response in run_turn():
                         yield response
+            # The key's per-minute limits after this call's turns, for clients that pace themselves.
+            context.set_trailing_metadata(rate_limit_metadata(self.limiter.remaining(key_id_var.get())))
             await self._record("StreamConverse", mode, grpc.StatusCode.OK)
         except asyncio.CancelledError:
             await self._record("StreamConverse", mode, grpc.StatusCode.CANCELLED)

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moss_speech.services.api import speech_pb2, speech_pb2_grpc
+from moss_speech.services.limits import parse_rate_limit_metadata
 
 AUDIO_PIECE = 256 * 1024  # bytes per StreamConverse audio message (well under the service's max_message_bytes)
 BUSY_RETRIES = 200  # the service releases a cancelled turn's session once Triton confirmed the cancel: retry
@@ -32,6 +33,7 @@ class TurnRequest:
     audio_rate: int = 24000
     text: str | None = None
     after_cancel: bool = False  # the previous turn was cancelled: the service may still be releasing the session
+    rate_limits: dict[str, dict[str, float]] | None = None  # the key's limits the service reported after the turn
 
 
 class Bridge:
@@ -129,6 +131,7 @@ class Bridge:
                 async for msg in call:
                     first = False
                     yield msg
+                turn.rate_limits = parse_rate_limit_metadata(await call.trailing_metadata())
                 return
             except grpc.aio.AioRpcError as e:
                 # A refused stream can also surface as INTERNAL ("Internal error from Core") when the service

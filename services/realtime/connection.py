@@ -753,6 +753,9 @@ class Connection:
             self._after_cancel = status in ("cancelled", "failed")
             self.metrics.responses.labels(status).inc()
             await self._quietly(self._finish(r, ids, part_open, status, reason=reason, error=error, usage=usage))
+            limits = ev.rate_limits_event(r.turn.rate_limits) if r.turn.rate_limits else None
+            if limits:
+                await self._quietly(self.send(limits))
 
     @staticmethod
     async def _quietly(coro) -> None:

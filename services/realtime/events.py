@@ -318,3 +318,22 @@ def usage_obj(input_tokens: int, output_tokens: int, audio_in: bool, audio_out: 
             "text_tokens": 0 if audio_out else output_tokens,
         },
     }
+
+
+def rate_limits_event(limits: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """`rate_limits.updated` from the service's per-key limits: its turns per minute are the Realtime `requests`
+    limit (the protocol names only requests and tokens; the audio-seconds limit has no name there)."""
+    turns = limits.get("turns")
+    if not turns or "limit" not in turns:
+        return None
+    return event(
+        "rate_limits.updated",
+        rate_limits=[
+            {
+                "name": "requests",
+                "limit": int(turns["limit"]),
+                "remaining": int(turns.get("remaining", 0)),
+                "reset_seconds": round(float(turns.get("reset", 0.0)), 3),
+            }
+        ],
+    )

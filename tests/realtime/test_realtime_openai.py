@@ -183,7 +183,7 @@ def test_text_turn_with_text_output_and_multi_turn_history(realtime_stack):
     async def main():
         async with connect(realtime_stack) as conn:
             c = await opened(conn)
-            prompts = []
+            prompts, remaining = [], []
             for question in ["Hello there.", "What is two plus two?", "And three plus three?"]:
                 await c.send(
                     {
@@ -205,7 +205,14 @@ def test_text_turn_with_text_output_and_multi_turn_history(realtime_stack):
                 assert len(text_done) == 1 and text_done[0]["text"] == deltas
                 assert done["response"]["output_modalities"] == ["text"]
                 prompts.append(done["response"]["usage"]["input_tokens"])
+                # The service's per-key limits after the turn (validated against the SDK's model by recv).
+                limits, _ = await c.until("rate_limits.updated")
+                (rl,) = limits["rate_limits"]
+                assert rl["name"] == "requests" and rl["limit"] == 600  # turns_per_minute_per_key's default
+                assert 0 <= rl["remaining"] <= 600 - 1 and 0 < rl["reset_seconds"] <= 60
+                remaining.append(rl["remaining"])
             assert prompts[0] < prompts[1] < prompts[2]  # each turn carries the history of the ones before
+            assert remaining[2] < remaining[0]  # turns are being counted (older ones may leave the window)
 
     asyncio.run(main())
 

@@ -101,6 +101,7 @@ def test_server_events_match_the_sdk_models():
     for e in [
         ev.event("response.done", response=resp),
         ev.error_event(ev.ProtocolError("invalid_json", "bad"), "evt_1"),
+        ev.rate_limits_event({"turns": {"limit": 600.0, "remaining": 598.0, "reset": 59.5}}),
         ev.event(
             "conversation.item.added",
             previous_item_id=None,
@@ -208,3 +209,22 @@ def test_truncate_reply_refuses_text_answers_and_empty_sessions():
         store.truncate_reply(s.session_id, 100)
     with pytest.raises(NoReplyError):
         truncate_reply(Reply.of(rows, 10, gen[:0], "speech"), 1)
+
+
+def test_rate_limit_metadata_roundtrip():
+    from moss_speech.services.limits import Limiter, Limits, parse_rate_limit_metadata, rate_limit_metadata
+
+    now = [100.0]
+    lim = Limiter(Limits(8, 4, 10, 60.0), clock=lambda: now[0])
+    lim.turn("k", 2.5)
+    now[0] += 20
+    lim.turn("k", 1.0)
+    parsed = parse_rate_limit_metadata(rate_limit_metadata(lim.remaining("k")) + (("x-request-id", "r"),))
+    assert parsed == {
+        "turns": {"limit": 10.0, "remaining": 8.0, "reset": 40.0},
+        "audio-seconds": {"limit": 60.0, "remaining": 56.5, "reset": 40.0},
+    }
+    e = ev.rate_limits_event(parsed)
+    assert e["rate_limits"] == [{"name": "requests", "limit": 10, "remaining": 8, "reset_seconds": 40.0}]
+    assert ev.rate_limits_event({}) is None
+    assert parse_rate_limit_metadata((("x-ratelimit-limit-turns", "x"),)) == {}
