@@ -12,7 +12,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,12 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--question", default=QUESTION, help="spoken with espeak-ng")
     p.add_argument("--max-new-tokens", type=int, default=75, help="answer length in steps (75 = 6 s of speech)")
     p.set_defaults(func=cmd_demo)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def speak(text: str, out: Path) -> None:
@@ -66,28 +59,22 @@ def wait_serving(address: str, timeout: float = 120.0) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moss_speech.builders.export.build import build_repository
-    from moss_speech.model_repository.launcher import TritonServer
+    from moss_speech.cli.up import cpu_repository, local_checkpoint, local_triton
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint, codec = args.checkpoint, args.codec
-    if checkpoint is None:
-        from moss_speech.builders.tiny import write_tiny_bundle
+    fresh: list[Path] = []
 
-        checkpoint = work / "tiny"
-        if not (checkpoint / "config.json").is_file():
-            print(f"[1/5] tiny random checkpoint + codec in the real layouts -> {checkpoint}")
-            write_tiny_bundle(checkpoint)
-        else:
-            print(f"[1/5] tiny checkpoint already in {checkpoint}")
-        codec = codec or checkpoint / "codec"
-    if codec is None:
-        raise SystemExit("moss-speech demo: --codec is required with --checkpoint")
+    def writing(path: Path) -> None:
+        fresh.append(path)
+        print(f"[1/5] tiny random checkpoint + codec in the real layouts -> {path}")
 
-    repo = work / "repo"
-    print(f"[2/5] building the CPU model repository -> {repo}")
-    build_repository(checkpoint, codec, "cpu", repo)
+    checkpoint, codec = local_checkpoint(work, args.checkpoint, args.codec, "demo", writing)
+    if args.checkpoint is None and not fresh:
+        print(f"[1/5] tiny checkpoint already in {checkpoint}")
+
+    print(f"[2/5] building the CPU model repository -> {work / 'repo'}")
+    repo = cpu_repository(work, checkpoint, codec)
 
     question = work / "question.wav"
     print(f"[3/5] speaking the question with espeak-ng: {args.question!r} -> {question}")
@@ -95,9 +82,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("[4/5] starting tritonserver and the gRPC service (on 127.0.0.1 only, plaintext, no API keys: a local "
           "demo; deployments use TLS and keys, docs/security.md)")
+    from moss_speech.model_repository.launcher import free_port
+
     port, metrics_port = free_port(), free_port()
-    with TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=600,
-                      log_stream=open(work / "tritonserver.log", "w")) as triton:  # noqa: SIM115
+    with local_triton(repo, work) as triton:
         env = os.environ | {"MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
                             "MOSS_SPEECH_METRICS_PORT": str(metrics_port), "MOSS_SPEECH_BIND_ADDRESS": "127.0.0.1",
                             "MOSS_SPEECH_METRICS_BIND_ADDRESS": "127.0.0.1",

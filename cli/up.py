@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,42 +46,62 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     return 0
 
 
-def _repository(args: argparse.Namespace) -> Path:
-    from moss_speech.builders.export.build import build_repository
-
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint, codec = args.checkpoint, args.codec
+def local_checkpoint(
+    work: Path, checkpoint: Path | None, codec: Path | None, command: str, on_write: Callable[[Path], None]
+) -> tuple[Path, Path]:
+    """The checkpoint and codec to serve: the given ones, or a tiny random bundle in `work/tiny` (written once;
+    `on_write` is told before the write, `moss-speech demo` says when it is reused)."""
     if checkpoint is None:
         from moss_speech.builders.tiny import write_tiny_bundle
 
         checkpoint = work / "tiny"
         if not (checkpoint / "config.json").is_file():
-            print(f"tiny random checkpoint + codec -> {checkpoint}", flush=True)
+            on_write(checkpoint)
             write_tiny_bundle(checkpoint)
         codec = codec or checkpoint / "codec"
     if codec is None:
-        raise SystemExit("moss-speech up: --codec is required with --checkpoint")
+        raise SystemExit(f"moss-speech {command}: --codec is required with --checkpoint")
+    return checkpoint, codec
+
+
+def cpu_repository(work: Path, checkpoint: Path, codec: Path) -> Path:
+    from moss_speech.builders.export.build import build_repository
+
     repo = work / "repo"
-    print(f"building the CPU model repository -> {repo}", flush=True)
     build_repository(checkpoint, codec, "cpu", repo)
     return repo
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from moss_speech.model_repository.launcher import TritonServer, free_port
+def local_triton(repo: Path, work: Path):
+    """A tritonserver on free loopback ports for `repo`, its log in work/tritonserver.log (a context manager)."""
+    from moss_speech.model_repository.launcher import TritonServer
 
-    repo = _repository(args)
-    work = args.work.resolve()
-    print("starting tritonserver", flush=True)
-    with TritonServer(
+    return TritonServer(
         repo,
         http_port=None,
         grpc_port=None,
         metrics_port=None,
         ready_timeout=600,
-        log_stream=open(work / "tritonserver.log", "w"),
-    ) as triton:  # noqa: SIM115
+        log_stream=open(work / "tritonserver.log", "w"),  # noqa: SIM115 - the server owns it
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from moss_speech.model_repository.launcher import free_port
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint, codec = local_checkpoint(
+        work,
+        args.checkpoint,
+        args.codec,
+        "up",
+        lambda path: print(f"tiny random checkpoint + codec -> {path}", flush=True),
+    )
+    print(f"building the CPU model repository -> {work / 'repo'}", flush=True)
+    repo = cpu_repository(work, checkpoint, codec)
+    print("starting tritonserver", flush=True)
+    with local_triton(repo, work) as triton:
         ports = {
             "grpc": args.grpc_port or free_port(),
             "metrics": args.metrics_port or free_port(),
