@@ -97,11 +97,19 @@ def decode_recording(audio: speech_pb2.AudioInput, limits: VoiceLimits) -> tuple
 
 
 class VoiceClient:
-    """Calls of the Triton `voice` model."""
+    """Calls of the Triton `voice` model, on an endpoint the service's TritonPool picks (a comma list or a
+    `dns:///` name works as for turns; voices live in a folder every Triton shares, so any endpoint serves them)."""
 
-    def __init__(self, url: str, model: str = T.VOICE_MODEL.name) -> None:
-        self.url, self.model = url, model
-        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+    def __init__(self, pool: Any, model: str = T.VOICE_MODEL.name) -> None:
+        self.pool, self.model = pool, model
+        self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+
+    async def _client(self) -> grpcclient.InferenceServerClient:
+        await self.pool.refresh()
+        ep = self.pool.pick()  # healthy, least loaded
+        if ep not in self._clients:
+            self._clients[ep] = grpcclient.InferenceServerClient(ep, channel_args=CHANNEL_ARGS)
+        return self._clients[ep]
 
     async def call(self, op: str, args: dict[str, Any], pcm: np.ndarray | None = None,
                    timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
@@ -115,7 +123,12 @@ class VoiceClient:
             t.set_data_from_numpy(value)
             inputs.append(t)
         try:
-            result = await self._client.infer(self.model, inputs, outputs=[InferRequestedOutput(T.VOICE_INFO.name)],
+            client = await self._client()
+        except Exception as e:  # noqa: BLE001 - no endpoint: the pool's UNAVAILABLE
+            log.warning("no Triton endpoint for a voice call", extra={"fields": {"error": str(e)}})
+            raise VoiceError(grpc.StatusCode.UNAVAILABLE, "the voice model is unavailable; retry later") from None
+        try:
+            result = await client.infer(self.model, inputs, outputs=[InferRequestedOutput(T.VOICE_INFO.name)],
                                               client_timeout=timeout)
         except InferenceServerException as e:
             raise self._error(e) from None
@@ -130,7 +143,8 @@ class VoiceClient:
         return VoiceError(grpc.StatusCode.UNAVAILABLE, "the voice model is unavailable; retry later")
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients.values():
+            await client.close()
 
 
 def voice_msg(info: dict[str, Any], default_voice: str, request_id: str = "") -> speech_pb2.Voice:
@@ -150,7 +164,7 @@ class VoiceRPCs:
     @property
     def voice_client(self) -> VoiceClient:
         if self._voice_client is None:
-            self._voice_client = VoiceClient(self.settings.triton_url)
+            self._voice_client = VoiceClient(self.triton)  # the TritonPool of the turns
         return self._voice_client
 
     async def require_voice(self, voice: str) -> None:
