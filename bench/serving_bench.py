@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import print_table  # noqa: E402
 
 from moss_speech.builders.config import ServingConfig  # noqa: E402
-from moss_speech.builders.export.build import CODEC_ARTIFACTS, LLM_ARTIFACTS, build_repository  # noqa: E402
+from moss_speech.builders.export.build import LLM_ARTIFACTS, build_repository, codec_graphs_dir  # noqa: E402
 from moss_speech.builders.llm.generate import SamplingParams  # noqa: E402
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn  # noqa: E402
 from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
@@ -58,7 +58,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
 def in_process(tiny: Path, repo: Path, audio: np.ndarray, max_new: int, repeats: int) -> list[dict]:
     """The same stages, one process, nothing between them: the floor a server is measured against."""
     serving = ServingConfig.model_validate(json.loads((repo / "manifest.json").read_text())["serving"])
-    codec = load_codec_runtime(serving, tiny / "codec", repo / CODEC_ARTIFACTS)
+    codec = load_codec_runtime(serving, tiny / "codec", codec_graphs_dir(repo))
     runtime = load_llm_runtime(serving, tiny, repo / LLM_ARTIFACTS / "model.onnx")
     engine = Engine(runtime, PromptBuilder.from_dir(tiny, runtime.config), serving.streaming())
     out = []

@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: onnxruntime on KIND_CPU; gpu: TensorRT engines on KIND_GPU (run engines on a GPU)")
     p.add_argument("--out", type=Path, required=True, help="model repository to write")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="build cache (exported graphs, timing caches), kept for rebuilds; default: the sibling "
+                        "folder <out>.build-cache (on the same filesystem, so served files are hard links)")
     p.add_argument("--llm-runtime", choices=["torch", "onnxruntime", "tensorrt"], default=None)
     p.add_argument("--codec-backend", choices=["torch", "onnxruntime", "tensorrt"], default=None)
     p.add_argument("--max-slots", type=int, default=None, help="concurrent sequences (KV slots)")
@@ -40,7 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     serving = ServingConfig.for_target(args.target, **overrides)
     manifest = build_repository(args.checkpoint, args.codec, args.target, args.out, serving,
-                                progress=not args.quiet, force=args.force)
+                                progress=not args.quiet, force=args.force, cache_dir=args.cache_dir)
     built = {k: ("cached" if v.get("skipped") else f"{v['seconds']} s") for k, v in manifest["artifacts"].items()}
     print(json.dumps({"repository": str(args.out), "artifacts": built}, indent=2), file=sys.stdout)
     return 0

@@ -3,7 +3,9 @@
 Two folders:
   repository  what Triton loads: configs, the engines (gpu) or the served ONNX graphs (cpu), `manifest.json`;
               each model's artifacts in its own model folder (`llm/1/artifacts`, `speech_encoder/1/artifacts`,
-              `vocoder/1/artifacts`).
+              `vocoder/1/artifacts`), each codec model only the graphs it runs (`codec.graphs.MODEL_GRAPHS`:
+              the speech encoder's two, the vocoder's three plus the speaker layer and the built-in voices'
+              conditioning, computed here with the encoder graphs so a vocoder needs none).
   build cache intermediates kept for rebuilds (`--cache-dir`, default the sibling folder `<repo>.build-cache`):
               the exported ONNX graphs with their external data, codec graphs, timing caches. The served files
               are hard links to the cache's files (a copy across filesystems), so a cpu repository costs no
@@ -37,18 +39,19 @@ from typing import Any
 from tqdm import tqdm
 
 from moss_speech.builders.codec.config import EncoderConfig
+from moss_speech.builders.codec.graphs import MANIFEST_NAME, MODEL_GRAPHS, SPEAKER_NAME, VOICES_NAME, graph_of
 from moss_speech.builders.config import MossSpeechConfig, ServingConfig
 from moss_speech.model_repository.writer import write_repository
 
 MANIFEST = "manifest.json"
 # Triton treats every folder at the repository root as a model, so artifacts live inside the model folders.
 LLM_ARTIFACTS = "llm/1/artifacts"
-CODEC_MODELS = ("speech_encoder", "vocoder")  # both run the codec runtime, each from its own folder
-CODEC_ARTIFACTS = "vocoder/1/artifacts/codec"
+CODEC_MODELS = tuple(MODEL_GRAPHS)  # both run the codec runtime, each from its own folder with its own graphs
+CODEC_CACHE = "codec"  # the build cache's folder with every codec graph (in-process references use it)
 # Written into the codec models' parameters; the adapters put their own model name in (common.artifact_path).
 CODEC_ARTIFACTS_TEMPLATE = "{model}/1/artifacts/codec"
 REPO, CACHE = "repository", "cache"
-BUILDER_VERSION = 3  # bump when the build changes what it writes
+BUILDER_VERSION = 4  # bump when the build changes what it writes
 
 
 def code_fingerprint() -> str:
@@ -213,6 +216,36 @@ def stage_codec_engines(codec: str, out: str, max_batch: int, serving: str) -> d
     return {"engines": _describe(engines)}
 
 
+def stage_codec_voices(codec: str, graphs: str, threads: int) -> dict[str, Any]:
+    """Every built-in voice's conditioning from its recording, with the exported encoder graphs on
+    onnxruntime (what an onnxruntime vocoder computed itself before), written to `<graphs>/voices/<id>.npz`."""
+    import numpy as np
+
+    from moss_speech.builders.codec.graphs import ENCODER_GRAPHS, VOICE_ARRAYS
+    from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
+
+    out = Path(graphs) / VOICES_NAME
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    runtime = CodecRuntime.from_artifacts(codec, graphs, backend="onnxruntime", threads=threads,
+                                          graphs=ENCODER_GRAPHS)
+    made = {}
+    for voice_id, path in sorted(runtime.voices.builtin_files.items()):
+        voice = runtime.make_voice(voice_id, path)  # from the recording, never a stale precomputed file
+        np.savez(out / f"{voice_id}.npz", **{k: getattr(voice, k) for k in VOICE_ARRAYS})
+        made[voice_id] = len(voice.prompt_codes)
+    return {"voices": made}
+
+
+def _model_files(model: str, files: list[Path], graphs: Path) -> list[Path]:
+    """The codec files one served model loads: its graphs (and their external data), the export manifest, and
+    for the vocoder the speaker layer and the built-in voices' conditioning."""
+    own = set(MODEL_GRAPHS[model])
+    extra = {SPEAKER_NAME} if model == "vocoder" else set()
+    return [p for p in files if graph_of(p) in own or p.name == MANIFEST_NAME or p.name in extra
+            or (model == "vocoder" and p.parent == graphs / VOICES_NAME)]
+
+
 def _install(pairs: list[tuple[Path, Path]]) -> dict[str, Any]:
     """Put cache files into the repository: hard links (same bytes, no extra disk), copies across filesystems."""
     for src, dst in pairs:
@@ -266,11 +299,15 @@ def _llm_steps(checkpoint: Path, repo: Path, cache: Path, serving: ServingConfig
 def _codec_steps(codec: Path, repo: Path, cache: Path, serving: ServingConfig, source: str) -> list[Step]:
     if serving.codec_backend == "torch":
         return []
-    graphs = cache / "codec"
+    graphs = cache / CODEC_CACHE
     export_key = _key(source, "onnx", BUILDER_VERSION)
     made = [graphs / "*.onnx", graphs / "*.onnx.data", graphs / "*.json", graphs / "*.npz"]
     steps = [Step("codec.onnx", export_key, made,
                   lambda: _isolated(stage_export_codec, codec=str(codec), out=str(graphs)))]
+    voices_key = _key(export_key, "voices", serving.cpu_threads)
+    voices = Step("codec.voices", voices_key, [graphs / VOICES_NAME],
+                  lambda: _isolated(stage_codec_voices, codec=str(codec), graphs=str(graphs),
+                                    threads=serving.cpu_threads), deps=["codec.onnx"])
     served_key = export_key
     if serving.codec_backend == "tensorrt":
         served_key = _key(source, "engines", serving.model_dump(), BUILDER_VERSION)
@@ -288,11 +325,12 @@ def _codec_steps(codec: Path, repo: Path, cache: Path, serving: ServingConfig, s
         served = [p for p in _files([graphs]) if p.suffix in keep + (".json", ".npz")]
         for t in targets:
             shutil.rmtree(t, ignore_errors=True)
-        return _install([(p, t / p.relative_to(graphs)) for t in targets for p in served])
+        return _install([(p, t / p.relative_to(graphs)) for m, t in zip(CODEC_MODELS, targets, strict=True)
+                         for p in _model_files(m, served, graphs)])
 
-    steps.append(Step("codec", _key(served_key, "install", served_suffix), targets, install,
-                      deps=[steps[-1].name], heavy=False))
-    return steps
+    steps.append(Step("codec", _key(served_key, voices_key, "install", served_suffix), targets, install,
+                      deps=[steps[-1].name, voices.name], heavy=False))
+    return [*steps[:-1], voices, steps[-1]]
 
 
 def _precision(serving: ServingConfig) -> str:
@@ -317,6 +355,14 @@ def _describe(obj: Any) -> Any:
 def default_cache_dir(repo: str | Path) -> Path:
     repo = Path(repo).resolve()
     return repo.with_name(repo.name + ".build-cache")
+
+
+def codec_graphs_dir(repo: str | Path) -> Path:
+    """The build cache's folder with every codec graph of a built repository (for in-process references: the
+    served codec models each hold only their own graphs)."""
+    manifest = Path(repo) / MANIFEST
+    cache = Path(json.loads(manifest.read_text())["cache_dir"]) if manifest.is_file() else default_cache_dir(repo)
+    return cache / CODEC_CACHE
 
 
 def _glob_outputs(outputs: list[Path]) -> list[Path]:

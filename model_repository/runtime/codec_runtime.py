@@ -6,6 +6,9 @@ solver noise, the CFG Euler solve, HiFT noise and trimming); a backend only says
   * `onnxruntime`  the ONNX files written by `export_codec_onnx`
   * `tensorrt`     serialized engines built from those files (UNVERIFIED: needs a GPU; see TensorRTGraph)
 The artifact names and graph I/O come from `builders.codec.graphs`: a runtime never imports the export side.
+A served codec model's folder holds only the graphs it runs (`graphs.MODEL_GRAPHS`): the runtime loads the graphs
+present there (or the ones named) and a call into an absent graph raises, naming it. Built-in voices come from
+the conditioning the build computed (`voices/<id>.npz`) when the folder has it, so a vocoder needs no encoder.
 
 encode_pcm(list of 16 kHz float32 PCM) -> list of int64 codes; decode_windows(list of DecodeWindow) -> list of
 PCM (n_chunk * 1920 samples each), windows of any voices and lengths batched together.
@@ -13,6 +16,7 @@ PCM (n_chunk * 1920 samples each), windows of any voices and lengths batched tog
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +24,17 @@ import numpy as np
 import torch
 
 from moss_speech.builders.codec.config import StreamingConfig
-from moss_speech.builders.codec.graphs import ENGINE_SUFFIX, GRAPH_IO, SPEAKER_NAME, read_manifest
+from moss_speech.builders.codec.graphs import (
+    ENGINE_SUFFIX,
+    GRAPH_IO,
+    SPEAKER_NAME,
+    VOICE_ARRAYS,
+    VOICES_NAME,
+    present_graphs,
+    read_manifest,
+)
 from moss_speech.builders.codec.pipeline import CodecPipeline
+from moss_speech.builders.codec.voices import Voice
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -38,7 +51,8 @@ class CodecRuntime(CodecPipeline):
     ) -> CodecRuntime:
         """The runtime for `backend` over a codec dir and the artifacts `export_codec_onnx` wrote there.
 
-        kwargs go to the backend: `threads`/`providers` (onnxruntime), `device` (tensorrt), `voices_dir`,
+        kwargs go to the backend: `graphs` (onnxruntime, tensorrt: the graphs to load; default every graph whose
+        file is in `artifacts_dir`), `threads`/`providers` (onnxruntime), `device` (tensorrt), `voices_dir`,
         `limits` (all). The flow settings baked into the graphs (flow_chunk, chunk_mask) are read from the
         manifest; a `streaming` config that disagrees raises.
         """
@@ -61,8 +75,43 @@ class CodecRuntime(CodecPipeline):
         """Batch of float32 mono 16 kHz PCM -> int64 codes per item, ceil(samples / 1280) each."""
         return self.encode_batch(pcms)
 
+    artifacts_dir: Path | None = None
 
-def _load_speaker(artifacts_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def _voice_from_file(self, voice_id: str, path: Path) -> Voice:
+        """A built-in voice: the build's precomputed conditioning when the artifacts hold it, else computed from
+        the recording (which needs the encoder graphs)."""
+        pre = self.artifacts_dir / VOICES_NAME / f"{voice_id}.npz" if self.artifacts_dir else None
+        if pre is None or not pre.is_file():
+            return super()._voice_from_file(voice_id, path)
+        with np.load(pre) as f:
+            return Voice(voice_id, *(f[k] for k in VOICE_ARRAYS))
+
+
+class AbsentGraph:
+    """Stands in for a graph this model's folder does not hold: calling it is a clear error, not a KeyError."""
+
+    def __init__(self, name: str, artifacts_dir: Path):
+        self.name, self.dir = name, artifacts_dir
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"the codec graph {self.name!r} is not served from {self.dir} (this model does not run it)")
+
+
+def _load_graphs(artifacts_dir: Path, suffix: str, wanted: Sequence[str] | None, load) -> dict:
+    """`load(name, path)` for each wanted graph (default: those present), AbsentGraph for the rest."""
+    wanted = tuple(wanted) if wanted is not None else present_graphs(artifacts_dir, suffix)
+    unknown = set(wanted) - set(GRAPH_IO)
+    if unknown or not wanted:
+        raise ValueError(f"no codec graphs to load from {artifacts_dir}" if not wanted else
+                         f"unknown codec graphs {sorted(unknown)}; known: {list(GRAPH_IO)}")
+    return {k: load(k, artifacts_dir / f"{k}{suffix}") if k in wanted else AbsentGraph(k, artifacts_dir)
+            for k in GRAPH_IO}
+
+
+def _load_speaker(artifacts_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The speaker affine layer (only the vocoder's folder holds it; only decoding uses it)."""
+    if not (artifacts_dir / SPEAKER_NAME).is_file():
+        return None
     with np.load(artifacts_dir / SPEAKER_NAME) as f:
         return torch.from_numpy(f["weight"]), torch.from_numpy(f["bias"])
 
@@ -110,14 +159,18 @@ class OnnxCodecRuntime(CodecRuntime):
     backend = "onnxruntime"
 
     def __init__(self, codec_dir: Path | str, artifacts_dir: Path | str, threads: int | None = None,
-                 providers: list[str] | None = None, streaming: StreamingConfig | None = None, **kwargs):
+                 providers: list[str] | None = None, streaming: StreamingConfig | None = None,
+                 graphs: Sequence[str] | None = None, **kwargs):
         super().__init__(codec_dir, streaming, **kwargs)
-        artifacts_dir = Path(artifacts_dir)
-        graphs = {k: OrtGraph(artifacts_dir / f"{k}.onnx", threads, providers) for k in GRAPH_IO}
-        for k, g in graphs.items():
-            if g.inputs != GRAPH_IO[k][0]:
-                raise ValueError(f"{k}.onnx inputs {g.inputs} != expected {GRAPH_IO[k][0]}")
-        self.use_graphs(graphs, _load_speaker(artifacts_dir))
+        self.artifacts_dir = Path(artifacts_dir)
+
+        def load(name: str, path: Path) -> OrtGraph:
+            g = OrtGraph(path, threads, providers)
+            if g.inputs != GRAPH_IO[name][0]:
+                raise ValueError(f"{name}.onnx inputs {g.inputs} != expected {GRAPH_IO[name][0]}")
+            return g
+
+        self.use_graphs(_load_graphs(self.artifacts_dir, ".onnx", graphs, load), _load_speaker(self.artifacts_dir))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,7 +188,11 @@ class TensorRTGraph:
 
         self.trt, self.device = trt, torch.device(device)
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        # From a read-only mapping of the file (as the LLM runtime does): no host copy of the engine is made.
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {path} (another TensorRT version, or TensorRT-RTX?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -168,8 +225,9 @@ class TensorRTCodecRuntime(CodecRuntime):
     backend = "tensorrt"
 
     def __init__(self, codec_dir: Path | str, artifacts_dir: Path | str, device: str = "cuda",
-                 streaming: StreamingConfig | None = None, **kwargs):
+                 streaming: StreamingConfig | None = None, graphs: Sequence[str] | None = None, **kwargs):
         super().__init__(codec_dir, streaming, **kwargs)
-        artifacts_dir = Path(artifacts_dir)
-        graphs = {k: TensorRTGraph(artifacts_dir / f"{k}{ENGINE_SUFFIX}", GRAPH_IO[k][0], device) for k in GRAPH_IO}
-        self.use_graphs(graphs, _load_speaker(artifacts_dir))
+        self.artifacts_dir = Path(artifacts_dir)
+        loaded = _load_graphs(self.artifacts_dir, ENGINE_SUFFIX, graphs,
+                              lambda k, path: TensorRTGraph(path, GRAPH_IO[k][0], device))
+        self.use_graphs(loaded, _load_speaker(self.artifacts_dir))

@@ -35,8 +35,16 @@ def test_manifest_lists_every_file_with_size_and_hash(cpu_repo):
     manifest = json.loads((cpu_repo / "manifest.json").read_text())
     files = {(f["root"], f["path"]): f for a in manifest["artifacts"].values() for f in a["files"]}
     assert ("repository", "llm/1/artifacts/model.onnx") in files
-    for model in ("speech_encoder", "vocoder"):  # each codec model reads its own folder
-        assert ("repository", f"{model}/1/artifacts/codec/hift.onnx") in files
+    # each codec model reads its own folder, which holds only the graphs it runs
+    served = {path for root, path in files if root == "repository"}
+    for model, graphs in {"speech_encoder": ["whisper_mel", "speech_encoder"],
+                          "vocoder": ["flow_encoder", "flow_estimator", "hift"]}.items():
+        own = sorted(Path(p).name for p in served if p.startswith(f"{model}/1/artifacts/codec/")
+                     and p.endswith(".onnx"))
+        assert own == sorted(f"{g}.onnx" for g in graphs), model
+    assert "vocoder/1/artifacts/codec/voices/default.npz" in served  # built-in voices come precomputed
+    assert "vocoder/1/artifacts/codec/speaker.npz" in served
+    assert not any(p.startswith("speech_encoder/") and p.endswith(".npz") for p in served)
     roots = {"repository": cpu_repo, "cache": Path(manifest["cache_dir"])}
     for (root, path), f in files.items():
         assert (roots[root] / path).stat().st_size == f["bytes"] and len(f["sha256"]) == 64
@@ -111,3 +119,34 @@ def test_realwidth_bench_ratio_logic():
     assert whole == pytest.approx(1.3) and marginal == pytest.approx(1.2)
     assert bench.project(2**30, 1.2, 100 * 2**30) == pytest.approx(121.0)
     assert bench.ratio(5, 10, 100) == (0.05, 0.0)  # a peak under the base adds nothing
+
+
+def test_each_codec_model_loads_only_its_graphs_and_serves_what_the_whole_codec_does(tiny_bundle, cpu_repo):
+    """The speech encoder's folder encodes, the vocoder's decodes (its built-in voice from the build's
+    precomputed conditioning): both exactly as a runtime over every graph; a call into an absent graph is a
+    clear error."""
+    import numpy as np
+
+    from moss_speech.builders.codec.streaming import DecodeWindow
+    from moss_speech.builders.export.build import codec_graphs_dir
+    from moss_speech.model_repository.runtime.codec_runtime import AbsentGraph, CodecRuntime
+
+    whole = CodecRuntime.from_artifacts(tiny_bundle / "codec", codec_graphs_dir(cpu_repo), threads=1)
+    enc = CodecRuntime.from_artifacts(tiny_bundle / "codec", cpu_repo / "speech_encoder/1/artifacts/codec", threads=1)
+    voc = CodecRuntime.from_artifacts(tiny_bundle / "codec", cpu_repo / "vocoder/1/artifacts/codec", threads=1)
+    assert {k for k, g in enc.graphs.items() if not isinstance(g, AbsentGraph)} == {"whisper_mel", "speech_encoder"}
+    assert {k for k, g in voc.graphs.items() if not isinstance(g, AbsentGraph)} == {"flow_encoder", "flow_estimator",
+                                                                                    "hift"}
+    pcm = np.sin(np.arange(24000) * 0.05).astype(np.float32)
+    codes = whole.encode_pcm([pcm])[0]
+    np.testing.assert_array_equal(enc.encode_pcm([pcm])[0], codes)
+    with pytest.raises(RuntimeError, match="'whisper_mel' is not served from"):
+        voc.encode_pcm([pcm])
+
+    computed = whole.make_voice("default", whole.voices.builtin_files["default"])
+    served = voc.voices.get("default")  # from voices/default.npz: the vocoder has no encoder to compute it
+    for k in ("prompt_codes", "prompt_mel", "xvector"):
+        np.testing.assert_array_equal(getattr(served, k), getattr(computed, k))
+    window = DecodeWindow(tokens=[int(c) for c in codes[:6]], n_context=0, n_chunk=4, first_position=0,
+                          voice_id="default")
+    np.testing.assert_array_equal(voc.decode_windows([window])[0], whole.decode_windows([window])[0])

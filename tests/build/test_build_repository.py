@@ -18,7 +18,7 @@ TORCH_ONLY = ServingConfig.for_target("cpu", llm_runtime="torch", codec_backend=
 
 def test_cpu_build_is_idempotent_and_rebuilds_only_what_changed(tiny_bundle, cpu_repo, tmp_path):
     manifest = json.loads((cpu_repo / "manifest.json").read_text())
-    assert set(manifest["artifacts"]) == {"llm.onnx", "llm", "codec.onnx", "codec"}
+    assert set(manifest["artifacts"]) == {"llm.onnx", "llm", "codec.onnx", "codec.voices", "codec"}
     assert manifest["serving"]["llm_runtime"] == "onnxruntime" and manifest["serving"]["kind"] == "KIND_CPU"
     for name in ("torch", "onnx", "onnxruntime"):
         assert manifest["tools"][name]
@@ -56,7 +56,8 @@ def test_repository_configs(cpu_repo):
         text = (cpu_repo / name / "config.pbtxt").read_text()
         assert "dynamic_batching" in text and "allow_ragged_batch: true" in text
         assert "{model}/1/artifacts/codec" in text  # each codec model reads its own folder
-        assert (cpu_repo / name / "1" / "artifacts" / "codec" / "hift.onnx").is_file()
+    assert (cpu_repo / "vocoder/1/artifacts/codec/hift.onnx").is_file()
+    assert not (cpu_repo / "speech_encoder/1/artifacts/codec/hift.onnx").exists()  # its graphs only
     vocoder = (cpu_repo / "vocoder" / "config.pbtxt").read_text()
     assert 'key: "voices"\n  value { string_value: "default" }' in vocoder  # what ListVoices serves
     s2s = (cpu_repo / "s2s" / "config.pbtxt").read_text()
@@ -86,8 +87,11 @@ def test_context_beyond_the_model_is_refused(tiny_bundle, tmp_path):
 def test_cli_build_with_torch_runtimes(tiny_bundle, tmp_path):
     out = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tiny_bundle),
                           "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path), "--llm-runtime", "torch",
-                          "--codec-backend", "torch", "--quiet"], capture_output=True, text=True, check=True)
+                          "--codec-backend", "torch", "--cache-dir", str(tmp_path / "elsewhere"), "--quiet"],
+                         capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["artifacts"] == {}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cache_dir"] == str((tmp_path / "elsewhere").resolve()) and (tmp_path / "elsewhere").is_dir()
     assert (tmp_path / "t2s" / "config.pbtxt").is_file()
     bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tmp_path),
                           "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path / "x")],

@@ -91,10 +91,10 @@ def in_process(reference, codec, codes, params, output="speech"):
 
 @pytest.fixture(scope="module")
 def codec(cpu_repo, tiny_bundle):
-    from moss_speech.builders.export.build import CODEC_ARTIFACTS
+    from moss_speech.builders.export.build import codec_graphs_dir
 
     serving = ServingConfig.model_validate(json.loads((cpu_repo / "manifest.json").read_text())["serving"])
-    return load_codec_runtime(serving, tiny_bundle / "codec", cpu_repo / CODEC_ARTIFACTS)
+    return load_codec_runtime(serving, tiny_bundle / "codec", codec_graphs_dir(cpu_repo))  # every codec graph
 
 
 def test_every_model_is_ready(served):
