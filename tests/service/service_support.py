@@ -31,6 +31,7 @@ SERVICE_ENV = {
     # starts its own secured services).
     "MOSS_SPEECH_PLAINTEXT": "true",
     "MOSS_SPEECH_AUTH": "none",
+    "MOSS_SPEECH_REFLECTION": "true",  # off by default; test_service_e2e checks it works when on
 }
 
 

@@ -335,12 +335,14 @@ def test_ask_cli_streams_answer_to_wav(service, tmp_path, source):
     question.write_bytes(wav(1.0, 16000))
     src = ["--audio", str(question)] if source == "audio" else ["--text", "hello"]
     r = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", *src, "--out", str(out),
-                        "--server", service.address, "--new-session", "--max-new-tokens", "16", "--seed", "1"],
+                        "--server", service.address, "--plaintext", "--new-session", "--max-new-tokens", "16",
+                        "--seed", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "time to first audio" in r.stderr and "real-time factor" in r.stderr and "session:" in r.stderr
     data, rate = sf.read(out)
     assert rate == 24000 and len(data) > 0
     bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--text", "hi", "--server",
-                          service.address, "--session", "missing"], capture_output=True, text=True, timeout=120)
+                          service.address, "--plaintext", "--session", "missing"], capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr

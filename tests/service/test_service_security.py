@@ -31,7 +31,7 @@ class Secured:
         self.keys = make_keys("alice", "bob")
         write_keys(self.keys_file, self.keys)
         self.client = self.ca.issue("client", server=False)
-        tls = {"MOSS_SPEECH_PLAINTEXT": "false", "MOSS_SPEECH_AUTH": "api_keys",
+        tls = {"MOSS_SPEECH_PLAINTEXT": "false", "MOSS_SPEECH_AUTH": "api_keys", "MOSS_SPEECH_REFLECTION": "false",
                "MOSS_SPEECH_TLS_CERT_FILE": str(self.cert_file), "MOSS_SPEECH_TLS_KEY_FILE": str(self.key_file),
                "MOSS_SPEECH_API_KEYS_FILE": str(self.keys_file), "MOSS_SPEECH_HEALTH_PORT": str(free_port())}
         if mtls:
@@ -85,6 +85,16 @@ def test_plaintext_refused_on_the_tls_port(secured) -> None:
         assert _health(ch) == "UNAVAILABLE"
     with secured.channel() as ch:
         assert _health(ch) == "SERVING"
+
+
+def test_reflection_is_off_unless_enabled(secured) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with secured.channel() as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        assert _code(lambda: next(stub.ServerReflectionInfo(req, metadata=bearer(secured.keys["alice"]),
+                                                            timeout=10))) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_wrong_ca_refused(secured) -> None:

@@ -105,7 +105,7 @@ def test_sigterm_drains_open_streams_within_bound(triton, tmp_path):
             except grpc.RpcError as e:
                 results[name] = e.code()
 
-        threads = [threading.Thread(target=run, args=("short", 30)), threading.Thread(target=run, args=("long", 900))]
+        threads = [threading.Thread(target=run, args=("short", 30)), threading.Thread(target=run, args=("long", 800))]
         for t in threads:
             t.start()
         time.sleep(1.0)
