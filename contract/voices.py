@@ -32,6 +32,9 @@ class VoiceLimits(BaseModel):
     max_name_chars: int = Field(64, ge=1)
     max_description_chars: int = Field(500, ge=0)
     max_per_key: int = Field(20, ge=1, description="created voices per API key")
+    # Every window re-decodes the voice prompt, so its length sets the decode cost per window; the default is the
+    # built-in voices' prompt length (1.6 s = 20 tokens), so a created voice decodes as fast as the default voice.
+    prompt_tokens: int = Field(20, ge=1, description="prompt tokens kept from a recording (12.5 per second)")
 
 
 class VoiceRecordingError(ValueError):

@@ -44,7 +44,7 @@ from moss_speech.builders.codec.flow import cfm_solve, noise_at, project_speaker
 from moss_speech.builders.codec.graphs import GRAPH_IO
 from moss_speech.builders.codec.hift import source_noise
 from moss_speech.builders.codec.streaming import DecodeWindow
-from moss_speech.builders.codec.voices import Voice, VoiceRegistry
+from moss_speech.builders.codec.voices import Voice, VoiceRegistry, loudest_segment
 from moss_speech.builders.codec.xvector import XVectorExtractor
 
 Graph = Callable[..., torch.Tensor]  # inputs in GRAPH_IO order -> the single output
@@ -127,8 +127,14 @@ class CodecPipeline(CodecSizes):
         return self.encode_batch([load_audio(audio, sample_rate, self.input_rate, self.limits)])[0]
 
     # ---- voices
-    def make_voice(self, voice_id: str, audio: AudioInput, sample_rate: int | None = None) -> Voice:
-        """A prompt recording -> prompt codes, the 24 kHz prompt mel cut to whole tokens, and its x-vector."""
+    def make_voice(self, voice_id: str, audio: AudioInput, sample_rate: int | None = None,
+                   prompt_tokens: int | None = None) -> Voice:
+        """A prompt recording -> prompt codes, the 24 kHz prompt mel cut to whole tokens, and its x-vector.
+
+        `prompt_tokens` caps the prompt (created voices: `VoiceLimits.prompt_tokens`; built-in voices keep the
+        whole recording): the loudest contiguous stretch of that many tokens is kept, codes and mel cut at the
+        same token boundaries (the codes come from the whole recording, so they are the codes those tokens get
+        in context). The x-vector always uses the whole recording."""
         pcm16 = load_audio(audio, sample_rate, self.input_rate, self.limits)
         pcm24 = load_audio(audio, sample_rate, self.sample_rate, self.limits)
         codes = self.encode_batch([pcm16])[0]
@@ -136,8 +142,11 @@ class CodecPipeline(CodecSizes):
             mel = self.prompt_mel(torch.from_numpy(pcm24)[None])[0].numpy()
         ratio = self.flow_yaml.flow.token_mel_ratio
         n = min(mel.shape[1] // ratio, len(codes))
+        keep = n if prompt_tokens is None else min(n, prompt_tokens)
+        start = loudest_segment(pcm16, self.samples_per_code_in, n, keep)
         xvec = self.xvector(pcm16) if self.xvector is not None else np.zeros(XVECTOR_DIM, np.float32)
-        return Voice(voice_id, codes[:n], np.ascontiguousarray(mel[:, : ratio * n]), xvec)
+        return Voice(voice_id, codes[start : start + keep].copy(),
+                     np.ascontiguousarray(mel[:, ratio * start : ratio * (start + keep)]), xvec)
 
     def _voice_from_file(self, voice_id: str, path: Path) -> Voice:
         return self.make_voice(voice_id, path)

@@ -27,6 +27,21 @@ class UnknownVoiceError(KeyError):
         return f"unknown voice {self.voice_id!r}; known voices: {', '.join(self.known) or '(none)'}"
 
 
+def loudest_segment(pcm: np.ndarray, samples_per_token: int, n_tokens: int, keep: int) -> int:
+    """First token of the `keep` contiguous tokens (of `n_tokens`) with the highest mean level in dB.
+
+    The level is per token (RMS of its samples, floored at -100 dBFS), so a segment with a pause or leading
+    silence scores low: the kept prompt is the stretch with the most continuous speech. Ties go to the earliest."""
+    if keep >= n_tokens:
+        return 0
+    pcm = np.asarray(pcm, np.float64).reshape(-1)[: n_tokens * samples_per_token]
+    pcm = np.pad(pcm, (0, n_tokens * samples_per_token - pcm.size))
+    ms = np.mean(np.square(pcm.reshape(n_tokens, samples_per_token)), axis=1)
+    level = 10 * np.log10(np.maximum(ms, 1e-10))
+    sums = np.convolve(level, np.ones(keep), mode="valid")  # [n_tokens - keep + 1] window sums
+    return int(np.argmax(sums))
+
+
 @dataclass(frozen=True)
 class Voice:
     voice_id: str

@@ -1,7 +1,9 @@
 """Triton adapter of the `voice` model: create, list, get and delete created voices.
 
 `create` computes the conditioning with the codec runtime the repository serves (`CodecPipeline.make_voice`:
-prompt codes from the speech encoder graphs on the 16 kHz resample, the 24 kHz prompt mel, the CAM++ x-vector)
+prompt codes from the speech encoder graphs on the 16 kHz resample, the 24 kHz prompt mel, both cut to the
+loudest `$MOSS_SPEECH_VOICE_PROMPT_TOKENS` tokens (default `VoiceLimits.prompt_tokens`), the CAM++ x-vector of the
+whole recording)
 and writes it to the voice store that every vocoder instance reads (`builders.codec.voice_store`). Errors start
 with the gRPC status name the service returns (`INVALID_ARGUMENT: ...`, `NOT_FOUND: ...`, `RESOURCE_EXHAUSTED:
 ...`), and name no path or internal detail.
@@ -26,6 +28,7 @@ from moss_speech.contract.voices import VoiceLimits, VoiceRecordingError, check_
 from moss_speech.model_repository.adapters.common import array_input, error_response, load_codec, string_input
 
 LIMIT_ENV = "MOSS_SPEECH_MAX_VOICES_PER_KEY"
+PROMPT_ENV = "MOSS_SPEECH_VOICE_PROMPT_TOKENS"  # the prompt cap (VoiceLimits.prompt_tokens)
 N_MELS = T.PROMPT_MEL.dims[0]
 
 
@@ -43,7 +46,9 @@ class TritonPythonModel:
     def initialize(self, args):
         self.codec, params = load_codec(args)
         self.store = open_store(args)
-        self.limits = VoiceLimits(max_per_key=int(os.environ.get(LIMIT_ENV, VoiceLimits().max_per_key)))
+        default = VoiceLimits()
+        self.limits = VoiceLimits(max_per_key=int(os.environ.get(LIMIT_ENV, default.max_per_key)),
+                                  prompt_tokens=int(os.environ.get(PROMPT_ENV, default.prompt_tokens)))
         self.builtin = {v: p for v, p in self.codec.voices.builtin_files.items()}
         self._create_lock = threading.Lock()  # the per-key count and the write are one step
 
@@ -64,6 +69,11 @@ class TritonPythonModel:
             raise VoiceOpError("NOT_FOUND", f"unknown voice {voice_id!r}")
         return asdict(record) | {"builtin": False}
 
+    def _check_count(self, owner: str) -> None:
+        if len(self.store.records(owner)) >= self.limits.max_per_key:
+            raise VoiceOpError("RESOURCE_EXHAUSTED", f"this API key already has {self.limits.max_per_key} "
+                                                     "voices (the limit); delete one first")
+
     def _create(self, args: dict, pcm: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         owner, name, description = str(args.get("owner", "")), str(args.get("name", "")), str(
             args.get("description", ""))
@@ -75,15 +85,14 @@ class TritonPythonModel:
             seconds = check_recording(pcm, rate, self.limits)
         except VoiceRecordingError as e:
             raise VoiceOpError("INVALID_ARGUMENT", str(e)) from None
+        self._check_count(owner)  # before the encoder runs; again under the lock before the write
         voice_id = new_voice_id()
         try:
-            voice = self.codec.make_voice(voice_id, pcm, rate)
+            voice = self.codec.make_voice(voice_id, pcm, rate, prompt_tokens=self.limits.prompt_tokens)
         except AudioError as e:
             raise VoiceOpError("INVALID_ARGUMENT", f"recording: {e}") from None
         with self._create_lock:
-            if len(self.store.records(owner)) >= self.limits.max_per_key:
-                raise VoiceOpError("RESOURCE_EXHAUSTED", f"this API key already has {self.limits.max_per_key} "
-                                                         "voices (the limit); delete one first")
+            self._check_count(owner)
             record = self.store.save(voice_id, name, description, owner, seconds, voice.prompt_codes,
                                      voice.prompt_mel, voice.xvector)
         return asdict(record) | {"builtin": False}, voice.prompt_codes, voice.prompt_mel, voice.xvector

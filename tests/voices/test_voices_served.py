@@ -13,7 +13,9 @@ import pytest
 import soundfile as sf
 
 from moss_speech.builders.codec import SpeechCodec
-from moss_speech.builders.codec.voice_store import VoiceStore, default_store_dir
+from moss_speech.builders.codec.voice_store import STORE_ENV, VoiceStore, default_store_dir
+from moss_speech.contract.voices import VoiceLimits
+from moss_speech.model_repository.launcher import TritonServer
 from moss_speech.services.api import speech_pb2 as pb
 from moss_speech.services.api import speech_pb2_grpc
 from moss_speech.services.auth import hash_key
@@ -76,7 +78,9 @@ def test_created_voice_conditioning_equals_in_process(created, served, tiny_bund
     assert created.duration_seconds == pytest.approx(sf.info(str(recording)).duration, abs=1e-3)
     _, stored = VoiceStore(default_store_dir(Path(served.repo))).conditioning(created.voice_id)
     codec = SpeechCodec(tiny_bundle / "codec")
-    ref = codec.make_voice("ref", recording)
+    ref = codec.make_voice("ref", recording, prompt_tokens=VoiceLimits().prompt_tokens)  # the served cap
+    assert created.prompt_tokens == len(ref.prompt_codes) == VoiceLimits().prompt_tokens
+    assert len(codec.make_voice("whole", recording).prompt_codes) > 4 * VoiceLimits().prompt_tokens
     np.testing.assert_array_equal(stored["prompt_codes"], ref.prompt_codes)
     np.testing.assert_allclose(stored["prompt_mel"], ref.prompt_mel, rtol=0, atol=0)
     np.testing.assert_allclose(stored["xvector"], ref.xvector, rtol=0, atol=0)
@@ -168,3 +172,38 @@ def test_deleted_voice_is_not_found_on_the_next_turn(stub, recording):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+
+
+def test_per_key_limit_then_delete_frees_a_slot(cpu_repo, recording, tmp_path):
+    """A Triton replica with the limit set low (2) and its own store: the third voice of a key is refused with
+    RESOURCE_EXHAUSTED (nothing stored), another key is not affected, and after a delete the key creates again."""
+    store = tmp_path / "store"
+    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300,
+                       stop_timeout=20, env={"MOSS_SPEECH_MAX_VOICES_PER_KEY": "2", STORE_ENV: str(store)})
+    srv.start()
+    try:
+        svc2 = start_service(srv.grpc_url, tmp_path)
+        try:
+            with grpc.insecure_channel(svc2.address) as ch:
+                stub2 = speech_pb2_grpc.MossSpeechStub(ch)
+
+                def create(who: str, name: str):
+                    return stub2.CreateVoice(pb.CreateVoiceRequest(name=name, audio=pb.AudioInput(
+                        data=recording.read_bytes())), metadata=auth(who), timeout=300)
+
+                first, _ = create("alice", "a1"), create("alice", "a2")
+                with pytest.raises(grpc.RpcError) as err:
+                    create("alice", "a3")
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+                assert "2 voices" in err.value.details() and "delete one" in err.value.details()
+                assert len(VoiceStore(store).records()) == 2  # nothing stored for the refused one
+                assert create("bob", "b1").voice_id  # the limit is per key
+                stub2.DeleteVoice(pb.DeleteVoiceRequest(voice_id=first.voice_id), metadata=auth("alice"))
+                again = create("alice", "a3")
+                names = {v.name for v in stub2.ListVoices(pb.ListVoicesRequest(), metadata=auth("alice")).voices
+                         if not v.builtin}
+                assert names == {"a2", "a3"} and again.voice_id != first.voice_id
+        finally:
+            svc2.stop()
+    finally:
+        srv.stop()
