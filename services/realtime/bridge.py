@@ -36,18 +36,41 @@ class TurnRequest:
     rate_limits: dict[str, dict[str, float]] | None = None  # the key's limits the service reported after the turn
 
 
-class Bridge:
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
+@dataclass(frozen=True)
+class ServiceTLS:
+    """How the gateway verifies (and, under mTLS, identifies itself to) a service that serves TLS."""
+
+    ca_file: str
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        # Read once at start: a rotated CA or client certificate reaches the gateway with its next restart.
+        read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("service_tls_cert_file and service_tls_key_file go together (mTLS)")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file), private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
         )
+
+
+class Bridge:
+    def __init__(self, target: str, tls: ServiceTLS | None = None) -> None:
+        self.target = target
+        options = [
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self.stub = speech_pb2_grpc.MossSpeechStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 
 from moss_speech.services.auth import ApiKeys, AuthError, authenticate
 from moss_speech.services.logging import get_logger, setup_logging
-from moss_speech.services.realtime.bridge import Bridge
+from moss_speech.services.realtime.bridge import Bridge, ServiceTLS
 from moss_speech.services.realtime.connection import Connection
 from moss_speech.services.realtime.metrics import RealtimeMetrics
 from moss_speech.services.realtime.settings import RealtimeSettings
@@ -42,7 +42,11 @@ class RealtimeServer:
     def __init__(self, settings: RealtimeSettings) -> None:
         self.settings = settings
         self.metrics = RealtimeMetrics()
-        self.bridge = Bridge(settings.service_url)
+        tls = None
+        if settings.service_tls_ca_file:
+            tls = ServiceTLS(settings.service_tls_ca_file, settings.service_tls_cert_file,
+                             settings.service_tls_key_file, settings.service_tls_server_name)
+        self.bridge = Bridge(settings.service_url, tls)
         # The service's key check at the handshake (services.auth), when the gateway has the key file.
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.active = 0

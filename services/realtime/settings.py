@@ -12,6 +12,18 @@ class RealtimeSettings(BaseSettings):
     )
 
     service_url: str = Field("localhost:50051", min_length=1, description="The public gRPC service, `host:port`.")
+    service_tls_ca_file: str = Field(
+        "",
+        description="PEM CA that signed the service's certificate: when set, the gateway calls the service over TLS "
+        "(empty = plaintext, for a service started with `plaintext`).",
+    )
+    service_tls_cert_file: str = Field(
+        "", description="PEM client certificate for a service that requires mTLS (with `service_tls_key_file`)."
+    )
+    service_tls_key_file: str = Field("", description="PEM private key of `service_tls_cert_file`.")
+    service_tls_server_name: str = Field(
+        "", description="Name to check the service's certificate against, when it differs from `service_url`'s host."
+    )
     host: str = Field("0.0.0.0", description="Bind address of the WebSocket/HTTP server.")
     port: int = Field(8080, ge=0, le=65535, description="Port of `/v1/realtime`, the page, `/metrics`, probes.")
     max_connections: int = Field(64, ge=1, description="Open WebSockets at most; more get HTTP 503.")

@@ -125,3 +125,37 @@ def test_network_policies_let_the_gateway_reach_the_orchestrator(helm: Helm, tmp
 def test_network_policies_off_render_none_for_the_gateway(helm: Helm, tmp_path):
     docs = _render(helm, tmp_path, {"realtime": {"enabled": True}, "networkPolicy": {"enabled": False}})
     assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+
+def _gateway(docs: list[dict]) -> tuple[dict, dict, dict]:
+    dep = _find(docs, "Deployment", f"{RELEASE}-moss-speech-realtime")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    return pod, c, env
+
+
+def test_realtime_calls_a_tls_orchestrator_with_its_ca(helm: Helm, tmp_path):
+    """The orchestrator serves TLS by default: the gateway mounts the CA read-only and verifies it; under mTLS it
+    presents its own client certificate; with a plaintext orchestrator it mounts nothing."""
+    pod, c, env = _gateway(_render(helm, tmp_path, {"realtime": {"enabled": True}}))
+    assert env["MOSS_REALTIME_SERVICE_TLS_CA_FILE"] == "/etc/moss-realtime/service-ca/ca.crt"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "service-ca")
+    assert mount["readOnly"] and mount["mountPath"] == "/etc/moss-realtime/service-ca"
+    vol = next(v for v in pod["volumes"] if v["name"] == "service-ca")
+    assert vol["secret"]["secretName"] == f"{RELEASE}-moss-speech-orchestrator-tls"
+    assert "MOSS_REALTIME_SERVICE_TLS_CERT_FILE" not in env
+
+    pod, c, env = _gateway(_render(helm, tmp_path, {"realtime": {"enabled": True, "serviceTLS": {
+        "caSecretName": "corp-ca", "caKey": "root.pem", "serverName": "api.example.com",
+        "clientSecretName": "gateway-client"}}}))
+    assert env["MOSS_REALTIME_SERVICE_TLS_CA_FILE"] == "/etc/moss-realtime/service-ca/root.pem"
+    assert env["MOSS_REALTIME_SERVICE_TLS_SERVER_NAME"] == "api.example.com"
+    assert env["MOSS_REALTIME_SERVICE_TLS_CERT_FILE"] == "/etc/moss-realtime/client-tls/tls.crt"
+    vols = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert vols == {"service-ca": "corp-ca", "client-tls": "gateway-client"}
+
+    pod, c, env = _gateway(_render(helm, tmp_path, {"realtime": {"enabled": True},
+                                                    "orchestrator": {"settings": {"plaintext": True}}}))
+    assert not any(k.startswith("MOSS_REALTIME_SERVICE_TLS") for k in env)
+    assert not any(v["name"] in ("service-ca", "client-tls") for v in pod["volumes"])
