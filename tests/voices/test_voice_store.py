@@ -9,12 +9,13 @@ import pytest
 from moss_speech.builders.codec import SpeechCodec, UnknownVoiceError
 from moss_speech.builders.codec.streaming import DecodeWindow
 from moss_speech.builders.codec.voice_store import VoiceStore, new_voice_id
-from moss_speech.contract.voices import is_created
+from moss_speech.contract.voices import VoiceLimits, is_created
 
 from .voice_support import espeak
 
 pytestmark = pytest.mark.slow  # builds four tiny codecs and decodes with each (minutes on the shared CPUs)
 
+PROMPT = VoiceLimits().prompt_tokens  # created voices are capped like the served ones
 CODES = [int(c) for c in np.random.default_rng(3).integers(0, 4096, 40)]
 
 
@@ -31,7 +32,7 @@ def recording(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stored(codec, recording, tmp_path_factory):
     store = VoiceStore(tmp_path_factory.mktemp("store"))
-    voice = codec.make_voice(new_voice_id(), recording)
+    voice = codec.make_voice(new_voice_id(), recording, prompt_tokens=PROMPT)
     record = store.save(voice.voice_id, "m3", "espeak en+m3", "key-a", 5.0, voice.prompt_codes, voice.prompt_mel,
                         voice.xvector)
     return store, voice, record
@@ -85,7 +86,7 @@ def test_two_instances_decode_a_stored_voice_identically(tiny_bundle, codec, sto
 
 def test_deleted_voice_is_unknown_at_once(tiny_bundle, codec, recording, tmp_path):
     store = VoiceStore(tmp_path)
-    voice = codec.make_voice(new_voice_id(), recording)
+    voice = codec.make_voice(new_voice_id(), recording, prompt_tokens=PROMPT)
     store.save(voice.voice_id, "x", "", "", 5.0, voice.prompt_codes, voice.prompt_mel, voice.xvector)
     other = SpeechCodec(tiny_bundle / "codec")
     other.voices.store = store
