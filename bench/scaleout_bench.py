@@ -60,6 +60,11 @@ def converse(service, text: str, session_id: str = "", new_tokens: int = 4) -> p
                          timeout=600)
 
 
+def new_session(service) -> str:
+    stub = speech_pb2_grpc.MossSpeechStub(grpc.insecure_channel(service.address))
+    return stub.CreateSession(pb.CreateSessionRequest()).session_id
+
+
 def llm_requests(triton) -> float:
     return metric(triton.metrics(), "nv_inference_request_success", model="llm") or 0.0
 
@@ -79,10 +84,10 @@ def ttft(resp: pb.ConverseResponse) -> float:
 
 def prefix(a, b, sessions: int, rows: int) -> dict:
     hits, misses, base_a, base_b, hist = [], [], [], [], []
-    for s in range(sessions):
-        sid = f"bench-prefix-{s}-{time.time_ns()}"
+    for _ in range(sessions):
+        sid = new_session(a)
         r = converse(a, LONG, sid)
-        while r.usage.history_tokens + r.usage.prompt_tokens < rows:  # grow the history through A (Triton 1)
+        while r.usage.history_tokens < rows:  # grow the history through A (Triton 1) until a turn carries `rows`
             r = converse(a, LONG, sid)
         q = "and what about tomorrow?"
         base_a.append(ttft(converse(a, q)))          # zero history, Triton 1
@@ -103,7 +108,7 @@ def store_latency(mem, red, turns: int) -> dict:
     t_mem, t_red = [], []
     for i in range(turns):
         for svc, out in ((mem, t_mem), (red, t_red)) if i % 2 == 0 else ((red, t_red), (mem, t_mem)):
-            sid = f"bench-store-{id(svc)}-{i}"
+            sid = new_session(svc)  # its creation is outside the timed turn
             t0 = time.perf_counter()
             converse(svc, "hi", sid, new_tokens=1)
             out.append((time.perf_counter() - t0) * 1000)
