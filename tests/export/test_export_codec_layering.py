@@ -1,5 +1,7 @@
-"""Layering: the runtimes load built artifacts and never import the export side; the export side imports model
-code and never a runtime. Checked twice: by importing the modules in a fresh interpreter (what really gets
+"""Layering: the runtimes load built artifacts and never import the export side; the exporters (ONNX graphs,
+TensorRT engines) import model code and never a runtime. `build.py`, which orchestrates a build, may run the served
+codec runtime on the graphs it just exported (built-in voices are precomputed by the code that serves them).
+Checked twice: by importing the modules in a fresh interpreter (what really gets
 loaded) and by reading their source (imports inside functions, which an import alone does not run)."""
 
 import ast
@@ -17,8 +19,11 @@ RUNTIME_PKG = "moss_speech.model_repository.runtime"
 EXPORT_PKG = "moss_speech.builders.export"
 
 
-def modules(folder: Path, package: str) -> list[str]:
-    return [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+ORCHESTRATION = {"build"}  # export-side modules allowed to run a runtime
+
+
+def modules(folder: Path, package: str, skip: set[str] = frozenset()) -> list[str]:
+    return [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__" and p.stem not in skip]
 
 
 def loaded_after_import(names: list[str]) -> list[str]:
@@ -55,7 +60,7 @@ def test_runtime_modules_do_not_load_the_exporter():
 
 @pytest.mark.slow
 def test_export_modules_do_not_load_a_runtime():
-    loaded = loaded_after_import(modules(EXPORT_DIR, EXPORT_PKG))
+    loaded = loaded_after_import(modules(EXPORT_DIR, EXPORT_PKG, ORCHESTRATION))
     assert f"{EXPORT_PKG}.onnx_codec" in loaded
     assert [m for m in loaded if m.startswith(RUNTIME_PKG)] == []
 
@@ -69,6 +74,7 @@ def test_no_such_import_even_inside_functions(folder, forbidden):
     offenders = {
         p.name: sorted(n for n in imported_names(p) if n == forbidden or n.startswith(forbidden + "."))
         for p in sorted(folder.glob("*.py"))
+        if not (folder == EXPORT_DIR and p.stem in ORCHESTRATION)
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 

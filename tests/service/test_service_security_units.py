@@ -3,6 +3,7 @@ times, error-message scrubbing, the launcher's bind address and stale shared-mem
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -152,12 +153,21 @@ def test_realtime_gateway_checks_the_same_keys_at_the_handshake(tmp_path) -> Non
     from moss_speech.services.realtime.settings import RealtimeSettings
 
     (tmp_path / "keys").write_text(f"web:{hash_key('k-web')}\n")
-    gw = RealtimeServer(RealtimeSettings(api_keys_file=str(tmp_path / "keys")))
 
-    def handshake(auth: str | None):
-        headers = Headers([("Upgrade", "websocket")] + ([("Authorization", auth)] if auth else []))
-        return gw._process_request(None, Request("/v1/realtime", headers))
+    async def statuses() -> list:
+        # Inside a running loop, as in `moss-speech realtime`: the gateway's gRPC channel belongs to it.
+        gw = RealtimeServer(RealtimeSettings(api_keys_file=str(tmp_path / "keys")))
 
-    assert handshake(None).status_code == 401
-    assert handshake("Bearer wrong").status_code == 401
-    assert handshake("Bearer k-web") is None  # accepted: the handshake proceeds
+        def handshake(auth: str | None):
+            headers = Headers([("Upgrade", "websocket")] + ([("Authorization", auth)] if auth else []))
+            return gw._process_request(None, Request("/v1/realtime", headers))
+
+        try:
+            return [handshake(None), handshake("Bearer wrong"), handshake("Bearer k-web")]
+        finally:
+            await gw.bridge.close()
+
+    missing, wrong, right = asyncio.run(statuses())
+    assert missing.status_code == 401
+    assert wrong.status_code == 401
+    assert right is None  # accepted: the handshake proceeds
