@@ -85,15 +85,18 @@ def main() -> None:
     res["window_ratio_torch_over_ort"] = round(res["torch"]["window_ms"] / res["onnxruntime"]["window_ms"], 2)
     res["encoder_ratio_torch_over_ort"] = round(res["torch"]["encoder_rtf"] / res["onnxruntime"]["encoder_rtf"], 2)
 
-    print(f"codec {args.codec}  threads {args.threads}  export {res['export_s']} s  "
-          f"artifacts {res['artifacts_mb']} MB")
+    print(f"codec {args.codec}  threads {args.threads}  export {res['export_s']} s  artifacts {res['artifacts_mb']} MB")
     print(f"{'backend':12s} {'enc RTF':>9s} {'window ms':>10s} {'4 batched ms':>13s} {'4 single ms':>12s} {'x':>5s}")
     for name in runtimes:
         r = res[name]
-        print(f"{name:12s} {r['encoder_rtf']:9.5f} {r['window_ms']:10.2f} {r['batch4_ms']:13.2f} "
-              f"{r['4_singles_ms']:12.2f} {r['batch4_speedup']:5.2f}")
-    print(f"torch/ort: encoder {res['encoder_ratio_torch_over_ort']}x, window {res['window_ratio_torch_over_ort']}x; "
-          f"SpeechCodec.decode_chunk {res['reference_decode_chunk_ms']} ms")
+        print(
+            f"{name:12s} {r['encoder_rtf']:9.5f} {r['window_ms']:10.2f} {r['batch4_ms']:13.2f} "
+            f"{r['4_singles_ms']:12.2f} {r['batch4_speedup']:5.2f}"
+        )
+    print(
+        f"torch/ort: encoder {res['encoder_ratio_torch_over_ort']}x, window {res['window_ratio_torch_over_ort']}x; "
+        f"SpeechCodec.decode_chunk {res['reference_decode_chunk_ms']} ms"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     tmp.cleanup()

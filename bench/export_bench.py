@@ -30,10 +30,12 @@ PROMPT, STEPS, CONTEXT = 128, 32, 512
 def decode_tps(rt, batch: int, cfg) -> float:
     """Tokens/s of batched decode steps: `batch` slots prefilled with PROMPT tokens, then STEPS steps."""
     g = torch.Generator().manual_seed(0)
-    prompt = torch.stack([torch.randint(0, 5000, (PROMPT,), generator=g),
-                          torch.full((PROMPT,), cfg.audio_pad_token_id)], dim=-1)
-    rows = torch.stack([torch.randint(0, 5000, (batch,), generator=g),
-                        torch.full((batch,), cfg.audio_pad_token_id)], dim=-1)
+    prompt = torch.stack(
+        [torch.randint(0, 5000, (PROMPT,), generator=g), torch.full((PROMPT,), cfg.audio_pad_token_id)], dim=-1
+    )
+    rows = torch.stack(
+        [torch.randint(0, 5000, (batch,), generator=g), torch.full((batch,), cfg.audio_pad_token_id)], dim=-1
+    )
 
     def run():
         slots = [rt.acquire() for _ in range(batch)]
@@ -63,8 +65,12 @@ def main() -> None:
 
     fp32 = export_llm_onnx(ckpt, work / "llm.onnx")
     fp16 = export_llm_onnx(ckpt, work / "llm16.onnx", dtype="float16")
-    rows = [("export fp32 (s)", f"{fp32.seconds:.1f}"), ("onnx fp32 (MB, weights inside)", f"{fp32.bytes / 1e6:.1f}"),
-            ("export fp16 (s)", f"{fp16.seconds:.1f}"), ("onnx fp16 (MB, weights inside)", f"{fp16.bytes / 1e6:.1f}")]
+    rows = [
+        ("export fp32 (s)", f"{fp32.seconds:.1f}"),
+        ("onnx fp32 (MB, weights inside)", f"{fp32.bytes / 1e6:.1f}"),
+        ("export fp16 (s)", f"{fp16.seconds:.1f}"),
+        ("onnx fp16 (MB, weights inside)", f"{fp16.bytes / 1e6:.1f}"),
+    ]
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
@@ -72,14 +78,19 @@ def main() -> None:
         ref = TorchLLMRuntime(model, max_slots=4, max_context=CONTEXT)
         onnx_rt = OrtLLMRuntime(fp32.path, cfg, max_slots=4, max_context=CONTEXT, session_options=opts)
         t_ref, t_ort = decode_tps(ref, batch, cfg), decode_tps(onnx_rt, batch, cfg)
-        rows += [(f"decode b{batch} torch (tok/s)", f"{t_ref:.0f}"), (f"decode b{batch} onnxruntime (tok/s)",
-                 f"{t_ort:.0f}"), (f"decode b{batch} onnxruntime / torch", f"{t_ort / t_ref:.2f}x")]
+        rows += [
+            (f"decode b{batch} torch (tok/s)", f"{t_ref:.0f}"),
+            (f"decode b{batch} onnxruntime (tok/s)", f"{t_ort:.0f}"),
+            (f"decode b{batch} onnxruntime / torch", f"{t_ort / t_ref:.2f}x"),
+        ]
 
     try:
         for info, prec in ((fp32, "fp32"), (fp16, "fp16")):
             eng = build_engine(info.path, work / f"llm-{prec}.plan", llm_profiles(cfg, 4, CONTEXT), precision=prec)
-            rows += [(f"{eng.backend} build {prec} (s)", f"{eng.seconds:.1f}"),
-                     (f"{eng.backend} engine {prec} (MB)", f"{eng.bytes / 1e6:.1f}")]
+            rows += [
+                (f"{eng.backend} build {prec} (s)", f"{eng.seconds:.1f}"),
+                (f"{eng.backend} engine {prec} (MB)", f"{eng.bytes / 1e6:.1f}"),
+            ]
     except TensorRTUnavailable as e:
         rows.append(("TensorRT build", f"skipped: {e}"))
     print_table(f"LLM export, tiny model, CPU, {args.threads} threads (prompt {PROMPT}, {STEPS} decode steps)", rows)

@@ -84,8 +84,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
     per_step = bytes_per_step(model)
-    rows = [("device", name), ("shape", "tiny (script check)" if small else "real (Qwen3-8B trunk + 2x4 tails)"),
-            ("weights read per decode step", f"{per_step / 2**30:.2f} GiB ({args.dtype})")]
+    rows = [
+        ("device", name),
+        ("shape", "tiny (script check)" if small else "real (Qwen3-8B trunk + 2x4 tails)"),
+        ("weights read per decode step", f"{per_step / 2**30:.2f} GiB ({args.dtype})"),
+    ]
     for batch in (1, 8):
         rate = decode_rate(runtime, batch, args.prompt, args.steps, args.device)
         line = f"{rate:,.1f} tokens/s ({rate / batch:,.1f} per sequence)"

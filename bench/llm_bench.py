@@ -44,8 +44,9 @@ def throughput(ckpt: Path, prompt_len: int = 256, new_tokens: int = 64) -> tuple
     model = MossSpeechForCausalLM.from_pretrained(ckpt)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    grid = torch.stack([torch.randint(0, 5000, (prompt_len,), generator=g),
-                        torch.full((prompt_len,), cfg.audio_pad_token_id)], dim=-1)
+    grid = torch.stack(
+        [torch.randint(0, 5000, (prompt_len,), generator=g), torch.full((prompt_len,), cfg.audio_pad_token_id)], dim=-1
+    )
     with torch.no_grad():
         prefill = median_time(lambda: model(grid[None], last_only=True), repeats=5)
     params = SamplingParams.greedy(max_new_tokens=new_tokens)
@@ -55,8 +56,9 @@ def throughput(ckpt: Path, prompt_len: int = 256, new_tokens: int = 64) -> tuple
 
 
 def peak_rss_ratio(ckpt: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ckpt), dtype], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(ckpt), dtype], check=True, capture_output=True, text=True
+    ).stdout
     r = json.loads(out)
     disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     return {"disk": disk, "delta": r["peak"] - r["base"], "ratio": (r["peak"] - r["base"]) / disk}
@@ -72,19 +74,27 @@ def main() -> None:
     if not (tiny / "config.json").exists():
         write_tiny_checkpoint(tiny)
     prefill, decode = throughput(tiny)
-    print_table("reference runtime (torch, CPU, fp32, tiny model, batch 1)", [
-        ("prefill (256-token prompt)", f"{prefill:,.0f} tokens/s"),
-        ("decode (greedy, 64 steps)", f"{decode:,.1f} tokens/s"),
-        ("decode / prefill", f"{decode / prefill:.4f}"),
-    ])
+    print_table(
+        "reference runtime (torch, CPU, fp32, tiny model, batch 1)",
+        [
+            ("prefill (256-token prompt)", f"{prefill:,.0f} tokens/s"),
+            ("decode (greedy, 64 steps)", f"{decode:,.1f} tokens/s"),
+            ("decode / prefill", f"{decode / prefill:.4f}"),
+        ],
+    )
     big = work / "rss"
     if not (big / "config.json").exists():
         write_tiny_checkpoint(big, max_shard_bytes=128 * 2**20, **RSS_SHAPE)
     rows = []
     for dtype in ("bfloat16", "float32"):
         r = peak_rss_ratio(big, dtype)
-        rows.append((f"compute {dtype}", f"peak RSS growth {r['delta'] / 2**20:,.0f} MiB for "
-                     f"{r['disk'] / 2**20:,.0f} MiB on disk = {r['ratio']:.2f}x"))
+        rows.append(
+            (
+                f"compute {dtype}",
+                f"peak RSS growth {r['delta'] / 2**20:,.0f} MiB for "
+                f"{r['disk'] / 2**20:,.0f} MiB on disk = {r['ratio']:.2f}x",
+            )
+        )
     print_table("checkpoint load (bf16 on disk; goal <= 1.2x for same-dtype compute)", rows)
 
 

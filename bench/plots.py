@@ -21,8 +21,9 @@ def _pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-def concurrency_plot(path: Path, title: str, ttfa_ms: dict[int, list[float]], throughput: dict[int, float],
-                     throughput_label: str) -> Path:
+def concurrency_plot(
+    path: Path, title: str, ttfa_ms: dict[int, list[float]], throughput: dict[int, float], throughput_label: str
+) -> Path:
     """Left: time to first audio p50/p95 vs concurrency; right: throughput vs concurrency."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -54,8 +55,12 @@ def distribution_plot(path: Path, title: str, series: dict[str, list[float]], xl
         if not values:
             continue
         v = sorted(values)
-        ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post",
-                label=f"{label} (n={len(v)}, p50 {_pct(v, 0.5):.0f})")
+        ax.step(
+            v,
+            [(i + 1) / len(v) for i in range(len(v))],
+            where="post",
+            label=f"{label} (n={len(v)}, p50 {_pct(v, 0.5):.0f})",
+        )
     ax.set(xlabel=xlabel, ylabel="fraction of turns", title=title, ylim=(0, 1.02))
     values = [x for v in series.values() for x in v if x > 0]
     if values and max(values) > 10 * min(values):  # e.g. idle vs loaded: a log axis keeps both readable

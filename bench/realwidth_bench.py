@@ -35,13 +35,21 @@ import time
 from pathlib import Path
 
 GiB = 2**30
-REAL = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-            vocab_size=151680, audio_vocab_size=16512)
+REAL = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151680,
+    audio_vocab_size=16512,
+)
 REAL_LAYERS = (32, 4)  # shared, per tail
 
 
-def param_count(hidden: int, inter: int, heads: int, kv: int, head_dim: int, vocab: int, audio_vocab: int,
-                shared: int, tail: int) -> int:
+def param_count(
+    hidden: int, inter: int, heads: int, kv: int, head_dim: int, vocab: int, audio_vocab: int, shared: int, tail: int
+) -> int:
     """Parameters of the split model (embeddings, heads, norms and every layer instance)."""
     attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 2 * head_dim
     layer = attn + 3 * hidden * inter + 2 * hidden
@@ -89,6 +97,7 @@ def sample_anon_peak(period: float = 0.05) -> dict[str, int]:
 
 # --- stages (each runs as `python realwidth_bench.py --stage NAME ...` in its own process) ---------------------
 
+
 def _stage(name: str, ckpt: Path, work: Path) -> dict:
     import torch
 
@@ -133,9 +142,15 @@ def _stage(name: str, ckpt: Path, work: Path) -> dict:
         from moss_speech.builders.config import ServingConfig
         from moss_speech.builders.export.build import build_repository
 
-        build_repository(ckpt, ckpt / "codec", "cpu", work / "repo", ServingConfig.for_target("cpu", max_slots=2,
-                                                                                              max_context=256),
-                         progress=False, force=True)
+        build_repository(
+            ckpt,
+            ckpt / "codec",
+            "cpu",
+            work / "repo",
+            ServingConfig.for_target("cpu", max_slots=2, max_context=256),
+            progress=False,
+            force=True,
+        )
     else:
         raise SystemExit(f"unknown stage {name}")
     return out
@@ -144,8 +159,12 @@ def _stage(name: str, ckpt: Path, work: Path) -> dict:
 def run_stage(name: str, ckpt: Path, work: Path, python: str = sys.executable, cwd: Path | None = None) -> dict:
     t0 = time.perf_counter()
     script = Path(__file__).resolve()
-    proc = subprocess.run([python, str(script), "--stage", name, "--ckpt", str(ckpt), "--work", str(work)],
-                          capture_output=True, text=True, cwd=cwd)
+    proc = subprocess.run(
+        [python, str(script), "--stage", name, "--ckpt", str(ckpt), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode:
         return {"stage": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "seconds": seconds}
@@ -231,12 +250,32 @@ def main() -> None:
     write_checkpoint(ckpt, args.tiny, args.layers)
     print(f"checkpoint: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cfg = MossSpeechConfig.from_dir(ckpt)
-    n = param_count(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                    cfg.head_dim, cfg.vocab_size, cfg.audio_vocab_size, cfg.num_shared_layers,
-                    cfg.num_modality_layers)
-    real_n = param_count(*(REAL[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                              "num_key_value_heads", "head_dim", "vocab_size", "audio_vocab_size")),
-                         *REAL_LAYERS)
+    n = param_count(
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.audio_vocab_size,
+        cfg.num_shared_layers,
+        cfg.num_modality_layers,
+    )
+    real_n = param_count(
+        *(
+            REAL[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "audio_vocab_size",
+            )
+        ),
+        *REAL_LAYERS,
+    )
     bf16 = 2 * n
     rows = []
     for name in args.stages.split(","):
@@ -251,16 +290,20 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
     print(f"\nparams {n / 1e9:.2f} B ({bf16 / GiB:.2f} GiB bf16); real model {real_n / 1e9:.2f} B\n")
-    print("| stage | seconds | peak RSS GiB | base GiB | weights GiB | peak / weights | (peak - base) / weights "
-          "| projected real GiB | anon peak / weights |")
+    print(
+        "| stage | seconds | peak RSS GiB | base GiB | weights GiB | peak / weights | (peak - base) / weights "
+        "| projected real GiB | anon peak / weights |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['stage']} | {r['seconds']:.0f} | failed: {r['error']} | | | | | | |")
             continue
-        print(f"| {r['stage']} | {r['seconds']:.0f} | {r['peak_rss'] / GiB:.2f} | {r['base_rss'] / GiB:.2f} | "
-              f"{r['weights'] / GiB:.2f} | {r['ratio']:.2f}x | {r['marginal']:.2f}x | {r['real_gib']:.1f} | "
-              f"{r['anon_ratio']:.2f}x |")
+        print(
+            f"| {r['stage']} | {r['seconds']:.0f} | {r['peak_rss'] / GiB:.2f} | {r['base_rss'] / GiB:.2f} | "
+            f"{r['weights'] / GiB:.2f} | {r['ratio']:.2f}x | {r['marginal']:.2f}x | {r['real_gib']:.1f} | "
+            f"{r['anon_ratio']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

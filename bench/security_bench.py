@@ -37,11 +37,21 @@ from moss_speech.services.api import speech_pb2_grpc  # noqa: E402
 
 def start_service(triton_url: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int, int]:
     port, health = free_port(), free_port()
-    full = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-            "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_HEALTH_PORT": str(health),
-            "MOSS_SPEECH_LOG_LEVEL": "WARNING", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=full,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    full = {
+        **os.environ,
+        "MOSS_SPEECH_TRITON_URL": triton_url,
+        "MOSS_SPEECH_GRPC_PORT": str(port),
+        "MOSS_SPEECH_METRICS_PORT": str(free_port()),
+        "MOSS_SPEECH_HEALTH_PORT": str(health),
+        "MOSS_SPEECH_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moss_speech.cli.main", "serve"],
+        env=full,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )  # noqa: SIM115
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + 120
@@ -70,27 +80,45 @@ def main() -> int:
         triton = None
         if args.triton_url is None:
             print("building the tiny repository and starting tritonserver ...", flush=True)
-            triton = TritonServer(build_tiny(tmp), http_port=None, grpc_port=None, metrics_port=None,
-                                  model_control_mode="explicit", load_models=MODELS, ready_timeout=300,
-                                  log_stream=open(tmp / "triton.log", "w")).start()  # noqa: SIM115
+            triton = TritonServer(
+                build_tiny(tmp),
+                http_port=None,
+                grpc_port=None,
+                metrics_port=None,
+                model_control_mode="explicit",
+                load_models=MODELS,
+                ready_timeout=300,
+                log_stream=open(tmp / "triton.log", "w"),
+            ).start()  # noqa: SIM115
         url = args.triton_url or triton.grpc_url
         ca = CA("bench CA")
         cert, key = ca.issue("localhost", server=True).write(tmp, "server")
         keys = make_keys("bench")
         write_keys(tmp / "keys", keys)
-        plain, plain_port, _ = start_service(url, {"MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"},
-                                             tmp / "plain.log")
-        secure, secure_port, _ = start_service(url, {
-            "MOSS_SPEECH_TLS_CERT_FILE": str(cert), "MOSS_SPEECH_TLS_KEY_FILE": str(key),
-            "MOSS_SPEECH_API_KEYS_FILE": str(tmp / "keys")}, tmp / "secure.log")
+        plain, plain_port, _ = start_service(
+            url, {"MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"}, tmp / "plain.log"
+        )
+        secure, secure_port, _ = start_service(
+            url,
+            {
+                "MOSS_SPEECH_TLS_CERT_FILE": str(cert),
+                "MOSS_SPEECH_TLS_KEY_FILE": str(key),
+                "MOSS_SPEECH_API_KEYS_FILE": str(tmp / "keys"),
+            },
+            tmp / "secure.log",
+        )
         try:
+
             def channel(secured: bool) -> grpc.Channel:
                 if secured:
                     return grpc.secure_channel(f"localhost:{secure_port}", grpc.ssl_channel_credentials(ca.pem))
                 return grpc.insecure_channel(f"localhost:{plain_port}")
 
-            request = pb.ConverseRequest(text="hello there", output=pb.OUTPUT_MODALITY_TEXT,
-                                         sampling=pb.Sampling(max_new_tokens=args.tokens, seed=1))
+            request = pb.ConverseRequest(
+                text="hello there",
+                output=pb.OUTPUT_MODALITY_TEXT,
+                sampling=pb.Sampling(max_new_tokens=args.tokens, seed=1),
+            )
             md = {True: bearer(keys["bench"]), False: ()}
             chans = {s: channel(s) for s in (False, True)}
             times: dict[bool, list[float]] = {False: [], True: []}
@@ -113,11 +141,15 @@ def main() -> int:
             rows = [
                 ("turns per mode", str(args.turns)),
                 ("connection", "new per turn (handshake included)" if args.new_channel else "one per client"),
-                ("plaintext, no keys: median / p90 ms",
-                 f"{statistics.median(times[False]):.2f} / {p90(times[False]):.2f}"),
+                (
+                    "plaintext, no keys: median / p90 ms",
+                    f"{statistics.median(times[False]):.2f} / {p90(times[False]):.2f}",
+                ),
                 ("TLS + API key: median / p90 ms", f"{statistics.median(times[True]):.2f} / {p90(times[True]):.2f}"),
-                ("added per turn: difference of medians ms",
-                 f"{statistics.median(times[True]) - statistics.median(times[False]):+.2f}"),
+                (
+                    "added per turn: difference of medians ms",
+                    f"{statistics.median(times[True]) - statistics.median(times[False]):+.2f}",
+                ),
                 ("added per turn: median of paired differences ms", f"{statistics.median(pairs):+.2f}"),
             ]
             print_table("TLS + API key vs plaintext (same run, alternating turns)", rows)

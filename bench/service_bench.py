@@ -51,8 +51,9 @@ def build_tiny(root: Path) -> Path:
 
     write_tiny_bundle(root / "ckpt", seed=0)
     serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=8, vocoder_instances=1)
-    build_repository(root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving,
-                     progress=False)
+    build_repository(
+        root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving, progress=False
+    )
     return root / "repo"
 
 
@@ -61,8 +62,14 @@ def sampling(tokens: int) -> dict:
 
 
 async def ttfa_direct(client: TritonClient, text: str, tokens: int) -> float:
-    turn = TurnInput(request_id=os.urandom(8).hex(), history=np.zeros((0, 2), np.int64),
-                     output="speech", sampling=SamplingParams(**sampling(tokens)), voice="default", text=text)
+    turn = TurnInput(
+        request_id=os.urandom(8).hex(),
+        history=np.zeros((0, 2), np.int64),
+        output="speech",
+        sampling=SamplingParams(**sampling(tokens)),
+        voice="default",
+        text=text,
+    )
     t0 = time.perf_counter()
     first = None
     async for chunk in client.generate(turn, timeout=60):
@@ -73,11 +80,20 @@ async def ttfa_direct(client: TritonClient, text: str, tokens: int) -> float:
 
 async def ttfa_service(stub, text: str, tokens: int) -> float:
     s = sampling(tokens)
-    cfg = pb.StreamConfig(output=pb.OUTPUT_MODALITY_SPEECH, sampling=pb.Sampling(
-        do_sample=False, repetition_penalty=1.0, max_new_tokens=s["max_new_tokens"],
-        min_new_tokens=s["min_new_tokens"]))
-    msgs = [pb.StreamConverseRequest(config=cfg), pb.StreamConverseRequest(text=text),
-            pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())]
+    cfg = pb.StreamConfig(
+        output=pb.OUTPUT_MODALITY_SPEECH,
+        sampling=pb.Sampling(
+            do_sample=False,
+            repetition_penalty=1.0,
+            max_new_tokens=s["max_new_tokens"],
+            min_new_tokens=s["min_new_tokens"],
+        ),
+    )
+    msgs = [
+        pb.StreamConverseRequest(config=cfg),
+        pb.StreamConverseRequest(text=text),
+        pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn()),
+    ]
     t0 = time.perf_counter()
     first = None
     async for r in stub.StreamConverse(iter(msgs), timeout=60):
@@ -95,8 +111,9 @@ async def soak(stub, concurrency: int, duration: float, tokens: int, pid: int) -
     async def worker(i: int) -> None:
         while time.monotonic() < stop_at:
             sid = (await stub.CreateSession(pb.CreateSessionRequest(), timeout=10)).session_id
-            cfg = pb.StreamConfig(session_id=sid, output=pb.OUTPUT_MODALITY_SPEECH,
-                                  sampling=pb.Sampling(max_new_tokens=tokens, seed=i))
+            cfg = pb.StreamConfig(
+                session_id=sid, output=pb.OUTPUT_MODALITY_SPEECH, sampling=pb.Sampling(max_new_tokens=tokens, seed=i)
+            )
             queue: asyncio.Queue = asyncio.Queue()
 
             async def requests(cfg=cfg, queue=queue):
@@ -166,18 +183,24 @@ async def tracing_overhead(stub, traced_stub, text: str, tokens: int, repeats: i
         for s, out in order if i % 2 == 0 else order[::-1]:  # alternate which goes first
             out.append(await ttfa_service(s, text, tokens))
     paired = [b - a for a, b in zip(off, on, strict=True)]
-    mo = statistics.median(off)
-    print_table(f"tracing overhead on time to first audio, {repeats} interleaved pairs, same Triton", [
-        ("service, tracing off (median)", f"{1000 * mo:.1f} ms"),
-        ("service, tracing on (median)", f"{1000 * statistics.median(on):.1f} ms"),
-        ("added by tracing, median of paired differences",
-         f"{1000 * statistics.median(paired):+.2f} ms = {100 * statistics.median(paired) / mo:+.2f} % (goal <= 2 %)"),
-    ])
+    mo, mp = statistics.median(off), statistics.median(paired)
+    print_table(
+        f"tracing overhead on time to first audio, {repeats} interleaved pairs, same Triton",
+        [
+            ("service, tracing off (median)", f"{1000 * mo:.1f} ms"),
+            ("service, tracing on (median)", f"{1000 * statistics.median(on):.1f} ms"),
+            (
+                "added by tracing, median of paired differences",
+                f"{1000 * mp:+.2f} ms = {100 * mp / mo:+.2f} % (goal <= 2 %)",
+            ),
+        ],
+    )
     return {"off": [1000 * x for x in off], "on": [1000 * x for x in on]}
 
 
-async def main_async(args: argparse.Namespace, triton_url: str, pid: int, address: str,
-                     traced_address: str | None = None) -> None:
+async def main_async(
+    args: argparse.Namespace, triton_url: str, pid: int, address: str, traced_address: str | None = None
+) -> None:
     client = TritonClient(triton_url)
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 60)  # the service subprocess is starting
@@ -198,27 +221,34 @@ async def main_async(args: argparse.Namespace, triton_url: str, pid: int, addres
         if traced_address:
             async with grpc.aio.insecure_channel(traced_address) as traced_channel:
                 await asyncio.wait_for(traced_channel.channel_ready(), 60)
-                traced = await tracing_overhead(stub, speech_pb2_grpc.MossSpeechStub(traced_channel), text,
-                                                args.tokens, args.repeats)
-        print_table(f"time to first audio, t2s speech out, greedy, {args.tokens} tokens, {args.repeats} pairs", [
-            ("direct Triton (median)", f"{1000 * md:.1f} ms"),
-            ("through the service (median)", f"{1000 * ms:.1f} ms"),
-            ("added by the service (median of medians)", f"{1000 * (ms - md):+.1f} ms"),
-            ("added, median of paired differences", f"{1000 * statistics.median(paired):+.1f} ms"),
-        ])
+                traced = await tracing_overhead(
+                    stub, speech_pb2_grpc.MossSpeechStub(traced_channel), text, args.tokens, args.repeats
+                )
+        print_table(
+            f"time to first audio, t2s speech out, greedy, {args.tokens} tokens, {args.repeats} pairs",
+            [
+                ("direct Triton (median)", f"{1000 * md:.1f} ms"),
+                ("through the service (median)", f"{1000 * ms:.1f} ms"),
+                ("added by the service (median of medians)", f"{1000 * (ms - md):+.1f} ms"),
+                ("added, median of paired differences", f"{1000 * statistics.median(paired):+.1f} ms"),
+            ],
+        )
         rss0 = rss_mb(pid)
         result = await soak(stub, args.concurrency, args.duration, args.soak_tokens, pid)
         rss_start, rss_end = result["rss"][0], result["rss"][-1]
         ttfa = sorted(result["ttfa_ms"]) or [0.0]
-        print_table(f"soak: {args.concurrency} concurrent streams, {args.duration:.0f} s, "
-                    f"{args.soak_tokens} tokens per turn, 3 turns per session stream", [
-            ("turns completed", str(result["turns"])),
-            ("errors", str(len(result["errors"]))),
-            ("service TTFA p50 / p90", f"{ttfa[len(ttfa) // 2]:.0f} / {ttfa[int(len(ttfa) * 0.9)]:.0f} ms"),
-            ("service RSS before soak", f"{rss0:.1f} MiB"),
-            ("service RSS after soak", f"{rss_end:.1f} MiB"),
-            ("RSS growth", f"{100 * (rss_end - rss_start) / rss_start:+.1f} % (max {max(result['rss']):.1f} MiB)"),
-        ])
+        print_table(
+            f"soak: {args.concurrency} concurrent streams, {args.duration:.0f} s, "
+            f"{args.soak_tokens} tokens per turn, 3 turns per session stream",
+            [
+                ("turns completed", str(result["turns"])),
+                ("errors", str(len(result["errors"]))),
+                ("service TTFA p50 / p90", f"{ttfa[len(ttfa) // 2]:.0f} / {ttfa[int(len(ttfa) * 0.9)]:.0f} ms"),
+                ("service RSS before soak", f"{rss0:.1f} MiB"),
+                ("service RSS after soak", f"{rss_end:.1f} MiB"),
+                ("RSS growth", f"{100 * (rss_end - rss_start) / rss_start:+.1f} % (max {max(result['rss']):.1f} MiB)"),
+            ],
+        )
         for e in result["errors"][:5]:
             print("  error:", e)
         if not args.no_plots:
@@ -228,9 +258,15 @@ async def main_async(args: argparse.Namespace, triton_url: str, pid: int, addres
             if traced:
                 series["service, tracing on"] = traced["on"]
             series[f"soak, {args.concurrency} streams"] = result["ttfa_ms"]
-            print("plots:", distribution_plot(FIGURES / "service_ttfa_distribution.png",
-                                              "Time to first audio through the service (tiny model, CPU)", series,
-                                              "time to first audio (ms)"))
+            print(
+                "plots:",
+                distribution_plot(
+                    FIGURES / "service_ttfa_distribution.png",
+                    "Time to first audio through the service (tiny model, CPU)",
+                    series,
+                    "time to first audio (ms)",
+                ),
+            )
     await client.close()
 
 
@@ -242,8 +278,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=12, help="tokens per TTFA request")
     parser.add_argument("--soak-tokens", type=int, default=40, help="tokens per soak turn")
     parser.add_argument("--triton-url", help="use a running Triton instead of building the tiny repository")
-    parser.add_argument("--tracing-overhead", action="store_true",
-                        help="also compare TTFA with tracing on (Triton traced too) vs off; needs the tracing extra")
+    parser.add_argument(
+        "--tracing-overhead",
+        action="store_true",
+        help="also compare TTFA with tracing on (Triton traced too) vs off; needs the tracing extra",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG in docs/figures/")
     args = parser.parse_args()
 
@@ -253,24 +292,43 @@ def main() -> int:
         if args.triton_url is None:
             print("building the tiny repository and starting tritonserver ...", flush=True)
             repo = build_tiny(Path(tmp))
-            triton = TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None,
-                                  model_control_mode="explicit", load_models=MODELS, ready_timeout=300,
-                                  trace_otlp_url=sink.url if sink else None,
-                                  log_stream=open(Path(tmp) / "triton.log", "w"))  # noqa: SIM115
+            triton = TritonServer(
+                repo,
+                http_port=None,
+                grpc_port=None,
+                metrics_port=None,
+                model_control_mode="explicit",
+                load_models=MODELS,
+                ready_timeout=300,
+                trace_otlp_url=sink.url if sink else None,
+                log_stream=open(Path(tmp) / "triton.log", "w"),
+            )  # noqa: SIM115
             triton.start()
         triton_url = args.triton_url or triton.grpc_url
         port = free_port()
-        env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-               "MOSS_SPEECH_METRICS_PORT": str(free_port()), "MOSS_SPEECH_LOG_LEVEL": "WARNING",
-               "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"}  # loopback bench: explicitly open
+        env = {
+            **os.environ,
+            "MOSS_SPEECH_TRITON_URL": triton_url,
+            "MOSS_SPEECH_GRPC_PORT": str(port),
+            "MOSS_SPEECH_METRICS_PORT": str(free_port()),
+            "MOSS_SPEECH_LOG_LEVEL": "WARNING",
+            "MOSS_SPEECH_PLAINTEXT": "true",
+            "MOSS_SPEECH_AUTH": "none",
+        }  # loopback bench: explicitly open
         service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env)
         traced, traced_address = None, None
         if args.tracing_overhead:
             traced_port = free_port()
             traced_address = f"localhost:{traced_port}"
-            traced = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env={
-                **env, "MOSS_SPEECH_GRPC_PORT": str(traced_port), "MOSS_SPEECH_METRICS_PORT": str(free_port()),
-                "MOSS_SPEECH_OTLP_ENDPOINT": sink.url})
+            traced = subprocess.Popen(
+                [sys.executable, "-m", "moss_speech.cli.main", "serve"],
+                env={
+                    **env,
+                    "MOSS_SPEECH_GRPC_PORT": str(traced_port),
+                    "MOSS_SPEECH_METRICS_PORT": str(free_port()),
+                    "MOSS_SPEECH_OTLP_ENDPOINT": sink.url,
+                },
+            )
         try:
             asyncio.run(main_async(args, triton_url, service.pid, f"localhost:{port}", traced_address))
         finally:

@@ -66,8 +66,15 @@ def in_process(tiny: Path, repo: Path, audio: np.ndarray, max_new: int, repeats:
         t0 = time.perf_counter()
         codes = codec.encode_pcm([audio])[0].tolist()
         updates: list = []
-        engine.submit(Request(f"p{i}", Turn("user", codes=codes), "speech",
-                              params=SamplingParams.model_validate_json(sampling(max_new))), updates.append)
+        engine.submit(
+            Request(
+                f"p{i}",
+                Turn("user", codes=codes),
+                "speech",
+                params=SamplingParams.model_validate_json(sampling(max_new)),
+            ),
+            updates.append,
+        )
         first, samples, seen = None, 0, 0
         while not (updates and updates[-1].final) or seen < len(updates):
             if seen == len(updates):
@@ -111,12 +118,17 @@ def served_turn(url: str, audio: np.ndarray, max_new: int) -> dict:
     wall = time.perf_counter() - t0
     client.stop_stream()
     client.close()
-    return {"ttfa": first, "rtf": wall / (samples / SAMPLE_RATE_OUT), "audio_s": samples / SAMPLE_RATE_OUT,
-            "wall": wall}
+    return {
+        "ttfa": first,
+        "rtf": wall / (samples / SAMPLE_RATE_OUT),
+        "audio_s": samples / SAMPLE_RATE_OUT,
+        "wall": wall,
+    }
 
 
-def throughput(url: str, audio: np.ndarray, max_new: int, concurrency: int, requests: int,
-               ttfas: list[float] | None = None) -> float:
+def throughput(
+    url: str, audio: np.ndarray, max_new: int, concurrency: int, requests: int, ttfas: list[float] | None = None
+) -> float:
     """Seconds of speech produced per wall-clock second with `concurrency` clients (TTFA of each turn, in ms,
     appended to `ttfas`)."""
     jobs: queue.Queue = queue.Queue()
@@ -149,20 +161,42 @@ def perf_analyzer(url: str, work: Path, audio: np.ndarray, max_new: int) -> str:
     from perf_analyzer import run_perf_analyzer, stream_latencies_ms
 
     data = work / "s2s_input.json"
-    data.write_text(json.dumps({"data": [{
-        "AUDIO": {"content": audio.tolist(), "shape": [audio.size]},
-        "SAMPLING": [sampling(max_new)],
-    }]}))
+    data.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "AUDIO": {"content": audio.tolist(), "shape": [audio.size]},
+                        "SAMPLING": [sampling(max_new)],
+                    }
+                ]
+            }
+        )
+    )
     profile = work / "s2s_profile.json"
-    args = ["-m", "s2s", "-u", url, "-i", "grpc", "--streaming", f"--input-data={data}", "--concurrency-range=1:4",
-            "--measurement-interval=8000", "--stability-percentage=50", f"--profile-export-file={profile}"]
+    args = [
+        "-m",
+        "s2s",
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--streaming",
+        f"--input-data={data}",
+        "--concurrency-range=1:4",
+        "--measurement-interval=8000",
+        "--stability-percentage=50",
+        f"--profile-export-file={profile}",
+    ]
     out = run_perf_analyzer(args)
     report = out.stdout + out.stderr
     if profile.exists():
         lat = stream_latencies_ms(profile)
         first, last = sorted(lat["first"]), sorted(lat["last"])
-        report += (f"\nprofile export: {len(first)} streams, first response p50 {first[len(first) // 2]:.0f} ms, "
-                   f"last response p50 {last[len(last) // 2]:.0f} ms\n")
+        report += (
+            f"\nprofile export: {len(first)} streams, first response p50 {first[len(first) // 2]:.0f} ms, "
+            f"last response p50 {last[len(last) // 2]:.0f} ms\n"
+        )
     return "perf_analyzer " + " ".join(args) + "\n" + report
 
 
@@ -186,33 +220,55 @@ def main() -> None:
         served_turn(srv.grpc_url, audio, args.max_new_tokens)  # warm up
         served = [served_turn(srv.grpc_url, audio, args.max_new_tokens) for _ in range(args.requests)]
         ttfa_by_c: dict[int, list[float]] = {c: [] for c in (1, 2, 4)}
-        tput = {c: throughput(srv.grpc_url, audio, args.max_new_tokens, c, args.requests * c // 2 + 2, ttfa_by_c[c])
-                for c in (1, 2, 4)}
+        tput = {
+            c: throughput(srv.grpc_url, audio, args.max_new_tokens, c, args.requests * c // 2 + 2, ttfa_by_c[c])
+            for c in (1, 2, 4)
+        }
         pa = perf_analyzer(srv.grpc_url, work, audio, args.max_new_tokens) if args.perf_analyzer else None
-    print_table(f"time to first audio and RTF (tiny model, CPU, {args.max_new_tokens} speech tokens, medians of "
-                f"{args.requests})", [
-        ("in-process TTFA", f"{med(local, 'ttfa') * 1e3:.0f} ms"),
-        ("served TTFA (Triton s2s)", f"{med(served, 'ttfa') * 1e3:.0f} ms"),
-        ("served / in-process TTFA", f"{med(served, 'ttfa') / med(local, 'ttfa'):.2f}x (goal <= 1.25x)"),
-        ("in-process RTF", f"{med(local, 'rtf'):.3f}"),
-        ("served RTF", f"{med(served, 'rtf'):.3f}"),
-    ])
-    print_table("throughput through Triton (speech seconds per wall second)", [
-        (f"concurrency {c}", f"{v:.2f}  ({v / tput[1]:.2f}x c=1)") for c, v in tput.items()
-    ] + [("goal", "c=4 >= 1.5x c=1")])
+    print_table(
+        f"time to first audio and RTF (tiny model, CPU, {args.max_new_tokens} speech tokens, medians of "
+        f"{args.requests})",
+        [
+            ("in-process TTFA", f"{med(local, 'ttfa') * 1e3:.0f} ms"),
+            ("served TTFA (Triton s2s)", f"{med(served, 'ttfa') * 1e3:.0f} ms"),
+            ("served / in-process TTFA", f"{med(served, 'ttfa') / med(local, 'ttfa'):.2f}x (goal <= 1.25x)"),
+            ("in-process RTF", f"{med(local, 'rtf'):.3f}"),
+            ("served RTF", f"{med(served, 'rtf'):.3f}"),
+        ],
+    )
+    print_table(
+        "throughput through Triton (speech seconds per wall second)",
+        [(f"concurrency {c}", f"{v:.2f}  ({v / tput[1]:.2f}x c=1)") for c, v in tput.items()]
+        + [("goal", "c=4 >= 1.5x c=1")],
+    )
     if pa:
         print("\n## perf_analyzer against the streaming ensemble\n" + pa)
     if not args.no_plots:
         from plots import FIGURES, concurrency_plot, distribution_plot
 
-        print("plots:", concurrency_plot(
-            FIGURES / "serving_concurrency.png",
-            f"Triton s2s, tiny model on CPU, {args.max_new_tokens} speech tokens per turn", ttfa_by_c, tput,
-            "speech seconds per wall second"))
-        print("plots:", distribution_plot(
-            FIGURES / "serving_ttfa_distribution.png", "Time to first audio: in-process vs served (Triton s2s)",
-            {"in-process": [1000 * r["ttfa"] for r in local], "served, c=1": [1000 * r["ttfa"] for r in served],
-             "served, c=4": ttfa_by_c[4]}, "time to first audio (ms)"))
+        print(
+            "plots:",
+            concurrency_plot(
+                FIGURES / "serving_concurrency.png",
+                f"Triton s2s, tiny model on CPU, {args.max_new_tokens} speech tokens per turn",
+                ttfa_by_c,
+                tput,
+                "speech seconds per wall second",
+            ),
+        )
+        print(
+            "plots:",
+            distribution_plot(
+                FIGURES / "serving_ttfa_distribution.png",
+                "Time to first audio: in-process vs served (Triton s2s)",
+                {
+                    "in-process": [1000 * r["ttfa"] for r in local],
+                    "served, c=1": [1000 * r["ttfa"] for r in served],
+                    "served, c=4": ttfa_by_c[4],
+                },
+                "time to first audio (ms)",
+            ),
+        )
 
 
 if __name__ == "__main__":

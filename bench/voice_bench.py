@@ -38,8 +38,10 @@ from harness import print_table  # noqa: E402
 
 from moss_speech.model_repository.launcher import free_port  # noqa: E402
 
-TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet green forest "
-        "before the sun goes down.")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet green forest "
+    "before the sun goes down."
+)
 
 
 def espeak(path: Path, voice: str) -> Path:
@@ -66,24 +68,31 @@ def distribution(codec_dir: Path, rec: Path) -> list[tuple[str, str]]:
     raw = voice.prompt_codes.nbytes + voice.prompt_mel.nbytes + voice.xvector.nbytes
     window_bytes = 8 * (5 + 20 + 3) + 8 * 7 + 16  # tokens (context 20 + chunk 5 + lookahead 3), meta, voice id
     prompt = f"{rec.name}: {len(voice.prompt_codes)} prompt tokens, mel {voice.prompt_mel.shape}"
-    rows = [("recording / prompt", prompt),
-            ("window without voice", f"{window_bytes} B")]
+    rows = [("recording / prompt", prompt), ("window without voice", f"{window_bytes} B")]
 
     def inband():
         arrays = [np.ascontiguousarray(a) for a in (voice.prompt_codes, voice.prompt_mel, voice.xvector)]
         shm = [a.tobytes() for a in arrays]  # llm -> shared memory
         [np.frombuffer(b, dtype=a.dtype).copy() for b, a in zip(shm, arrays, strict=True)]  # -> vocoder input
 
-    rows.append(("in-band", f"+{raw} B per window ({raw / window_bytes:.0f}x the window); "
-                            f">= {per_call_us(inband, 2000):.0f} us per window (2 copies, lower bound)"))
+    rows.append(
+        (
+            "in-band",
+            f"+{raw} B per window ({raw / window_bytes:.0f}x the window); "
+            f">= {per_call_us(inband, 2000):.0f} us per window (2 copies, lower bound)",
+        )
+    )
     tmp = Path(tempfile.mkdtemp())
     store = VoiceStore(tmp)
     store.save(voice.voice_id, "b", "", "", 6.0, voice.prompt_codes, voice.prompt_mel, voice.xvector)
     port = free_port()
     redis = shutil.which("redis-server")
     if redis:
-        proc = subprocess.Popen([redis, "--port", str(port), "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [redis, "--port", str(port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             import redis as redis_lib
 
@@ -100,10 +109,19 @@ def distribution(codec_dir: Path, rec: Path) -> list[tuple[str, str]]:
                 with np.load(io.BytesIO(r.get(voice.voice_id))) as f:
                     [f[k] for k in f.files]
 
-            rows.append(("redis, no cache", f"{len(blob)} B read per window; {per_call_us(get_parse, 500):.0f} us "
-                                            "per window (GET + parse)"))
-            rows.append(("redis + cache", f"~30 B per window; {per_call_us(lambda: r.exists(voice.voice_id), 2000):.0f}"
-                                          " us per window (EXISTS round trip)"))
+            rows.append(
+                (
+                    "redis, no cache",
+                    f"{len(blob)} B read per window; {per_call_us(get_parse, 500):.0f} us per window (GET + parse)",
+                )
+            )
+            rows.append(
+                (
+                    "redis + cache",
+                    f"~30 B per window; {per_call_us(lambda: r.exists(voice.voice_id), 2000):.0f}"
+                    " us per window (EXISTS round trip)",
+                )
+            )
         finally:
             proc.terminate()
             proc.wait()
@@ -115,9 +133,14 @@ def distribution(codec_dir: Path, rec: Path) -> list[tuple[str, str]]:
             [f[k] for k in f.files]
 
     hit = per_call_us(lambda: store.exists(voice.voice_id), 5000)
-    rows.append(("folder + cache (chosen)", f"0 B per window; {hit:.1f} us per window (stat); miss once per voice "
-                                            "and instance: "
-                                            f"{per_call_us(miss, 500):.0f} us ({len(blob)} B read)"))
+    rows.append(
+        (
+            "folder + cache (chosen)",
+            f"0 B per window; {hit:.1f} us per window (stat); miss once per voice "
+            "and instance: "
+            f"{per_call_us(miss, 500):.0f} us ({len(blob)} B read)",
+        )
+    )
     shutil.rmtree(tmp)
     return rows
 
@@ -141,28 +164,41 @@ async def stack(root: Path, rec_b: Path, turns: int) -> list[tuple[str, str]]:
     write_tiny_bundle(root / "ckpt", seed=0)
     shutil.copy(rec_b, root / "ckpt" / "codec" / "voices" / "builtin_b.wav")
     serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=8, vocoder_instances=1)
-    build_repository(root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving,
-                     progress=False)
+    build_repository(
+        root / "ckpt", root / "ckpt" / "codec", target="cpu", out=root / "repo", serving=serving, progress=False
+    )
     repo = root / "repo"
     srv = TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=600).start()
-    svc = ServiceProcess(srv.grpc_url, root / "service.log", MOSS_SPEECH_AUTH="none",
-                         MOSS_SPEECH_MAX_NEW_TOKENS="40", MOSS_SPEECH_MAX_MESSAGE_BYTES=str(8 << 20)).start()
+    svc = ServiceProcess(
+        srv.grpc_url,
+        root / "service.log",
+        MOSS_SPEECH_AUTH="none",
+        MOSS_SPEECH_MAX_NEW_TOKENS="40",
+        MOSS_SPEECH_MAX_MESSAGE_BYTES=str(8 << 20),
+    ).start()
     try:
         async with grpc.aio.insecure_channel(svc.address) as ch:
             stub = speech_pb2_grpc.MossSpeechStub(ch)
             create = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                v = await stub.CreateVoice(pb.CreateVoiceRequest(name="b", audio=pb.AudioInput(
-                    data=rec_b.read_bytes())), timeout=600)
+                v = await stub.CreateVoice(
+                    pb.CreateVoiceRequest(name="b", audio=pb.AudioInput(data=rec_b.read_bytes())), timeout=600
+                )
                 create.append(time.perf_counter() - t0)
             seconds, prompt_tokens = v.duration_seconds, v.prompt_tokens
 
             async def ttfa(voice: str) -> float:
-                cfg = pb.StreamConfig(output=pb.OUTPUT_MODALITY_SPEECH, voice=voice, sampling=pb.Sampling(
-                    do_sample=False, repetition_penalty=1.0, max_new_tokens=40, min_new_tokens=40))
-                msgs = [pb.StreamConverseRequest(config=cfg), pb.StreamConverseRequest(text="tell me a story"),
-                        pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())]
+                cfg = pb.StreamConfig(
+                    output=pb.OUTPUT_MODALITY_SPEECH,
+                    voice=voice,
+                    sampling=pb.Sampling(do_sample=False, repetition_penalty=1.0, max_new_tokens=40, min_new_tokens=40),
+                )
+                msgs = [
+                    pb.StreamConverseRequest(config=cfg),
+                    pb.StreamConverseRequest(text="tell me a story"),
+                    pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn()),
+                ]
                 t0 = time.perf_counter()
                 first = None
                 async for r in stub.StreamConverse(iter(msgs), timeout=120):  # to the end: a cut turn drains
@@ -181,20 +217,35 @@ async def stack(root: Path, rec_b: Path, turns: int) -> list[tuple[str, str]]:
                 await ttfa(voice)
             times: dict[str, list[float]] = {k: [] for k in names}
             for i in range(turns):  # interleaved in the same run, rotating which goes first
-                order = list(names)[i % 3:] + list(names)[: i % 3]
+                order = list(names)[i % 3 :] + list(names)[: i % 3]
                 for k in order:
                     times[k].append(await ttfa(names[k]))
         med = {k: statistics.median(x) for k, x in times.items()}
-        rows = [("CreateVoice", f"{statistics.median(create) * 1000:.0f} ms median of 3 "
-                                f"({seconds:.1f} s recording -> {prompt_tokens} prompt tokens; all: "
-                                f"{', '.join(f'{c * 1000:.0f}' for c in create)})")]
-        rows.append(("GetVoice (client round trip)", f"{statistics.median(gets) * 1000:.1f} ms median of 20 (the "
-                                                    "service's per-turn check of a created voice is its Triton part)"))
+        rows = [
+            (
+                "CreateVoice",
+                f"{statistics.median(create) * 1000:.0f} ms median of 3 "
+                f"({seconds:.1f} s recording -> {prompt_tokens} prompt tokens; all: "
+                f"{', '.join(f'{c * 1000:.0f}' for c in create)})",
+            )
+        ]
+        rows.append(
+            (
+                "GetVoice (client round trip)",
+                f"{statistics.median(gets) * 1000:.1f} ms median of 20 (the "
+                "service's per-turn check of a created voice is its Triton part)",
+            )
+        )
         rows += [(f"TTFA {k}", f"{med[k]:.1f} ms median of {turns} (min {min(x):.0f})") for k, x in times.items()]
         for base in ("default", "built-in, whole recording"):
             pairs = [c - b for c, b in zip(times["created"], times[base], strict=True)]
-            rows.append((f"created vs {base}", f"{100 * (med['created'] / med[base] - 1):+.1f} % (medians); paired "
-                                              f"median {statistics.median(pairs):+.1f} ms"))
+            rows.append(
+                (
+                    f"created vs {base}",
+                    f"{100 * (med['created'] / med[base] - 1):+.1f} % (medians); paired "
+                    f"median {statistics.median(pairs):+.1f} ms",
+                )
+            )
         return rows
     finally:
         svc.stop()

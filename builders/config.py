@@ -67,20 +67,34 @@ class MossSpeechConfig(BaseModel):
         def bad(field: str, why: str) -> None:
             raise ConfigError(f"config field `{field}`: {why}")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "num_shared_layers", "num_modality_layers",
-                     "audio_vocab_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_shared_layers",
+            "num_modality_layers",
+            "audio_vocab_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)}")
         if self.num_shared_layers + self.num_modality_layers != self.num_hidden_layers:
-            bad("num_hidden_layers", f"is {self.num_hidden_layers} but num_shared_layers "
+            bad(
+                "num_hidden_layers",
+                f"is {self.num_hidden_layers} but num_shared_layers "
                 f"({self.num_shared_layers}) + num_modality_layers ({self.num_modality_layers}) = "
-                f"{self.num_shared_layers + self.num_modality_layers}")
+                f"{self.num_shared_layers + self.num_modality_layers}",
+            )
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads",
-                f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}")
+            bad(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
+            )
         if self.channels != 2:
             bad("channels", f"must be 2 (text, audio), got {self.channels}")
         if self.hidden_act != "silu":
@@ -147,8 +161,15 @@ class MossSpeechConfig(BaseModel):
 def tiny_config(**overrides: Any) -> MossSpeechConfig:
     """A small model in the real layout: real vocabularies and special ids, tiny widths and depths."""
     fields: dict[str, Any] = dict(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_shared_layers=2, num_modality_layers=2, num_hidden_layers=4, max_window_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_shared_layers=2,
+        num_modality_layers=2,
+        num_hidden_layers=4,
+        max_window_layers=4,
         max_position_embeddings=2048,
     )
     fields.update(overrides)

@@ -10,8 +10,9 @@ from moss_speech.builders.config import MossSpeechConfig
 CODEC_SUBDIR = "codec"
 
 
-def write_tiny_bundle(out: str | Path, seed: int = 0, codec: bool = True,
-                      small_vocab: bool = False) -> MossSpeechConfig:
+def write_tiny_bundle(
+    out: str | Path, seed: int = 0, codec: bool = True, small_vocab: bool = False
+) -> MossSpeechConfig:
     """`small_vocab`: the LLM has a 288-token text vocabulary (see `write_tiny_checkpoint`)."""
     from moss_speech.builders.codec.tiny import write_tiny_codec
     from moss_speech.builders.llm.checkpoint import write_tiny_checkpoint

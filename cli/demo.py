@@ -34,10 +34,10 @@ def speak(text: str, out: Path) -> None:
     """A 16 kHz mono WAV of `text` from espeak-ng (sox resamples)."""
     if not (shutil.which("espeak-ng") and shutil.which("sox")):
         raise SystemExit("moss-speech demo: needs espeak-ng and sox (./dev.sh setup installs them)")
-    speech = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "--stdout", text], check=True,
-                            capture_output=True).stdout
-    subprocess.run(["sox", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out)], input=speech,
-                   check=True)
+    speech = subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "140", "--stdout", text], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["sox", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out)], input=speech, check=True)
 
 
 def wait_serving(address: str, timeout: float = 120.0) -> None:
@@ -80,32 +80,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[3/5] speaking the question with espeak-ng: {args.question!r} -> {question}")
     speak(args.question, question)
 
-    print("[4/5] starting tritonserver and the gRPC service (on 127.0.0.1 only, plaintext, no API keys: a local "
-          "demo; deployments use TLS and keys, docs/security.md)")
+    print(
+        "[4/5] starting tritonserver and the gRPC service (on 127.0.0.1 only, plaintext, no API keys: a local "
+        "demo; deployments use TLS and keys, docs/security.md)"
+    )
     from moss_speech.model_repository.launcher import free_port
 
     port, metrics_port = free_port(), free_port()
     with local_triton(repo, work) as triton:
-        env = os.environ | {"MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-                            "MOSS_SPEECH_METRICS_PORT": str(metrics_port), "MOSS_SPEECH_BIND_ADDRESS": "127.0.0.1",
-                            "MOSS_SPEECH_METRICS_BIND_ADDRESS": "127.0.0.1",
-                            "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none"}
+        env = os.environ | {
+            "MOSS_SPEECH_TRITON_URL": triton.grpc_url,
+            "MOSS_SPEECH_GRPC_PORT": str(port),
+            "MOSS_SPEECH_METRICS_PORT": str(metrics_port),
+            "MOSS_SPEECH_BIND_ADDRESS": "127.0.0.1",
+            "MOSS_SPEECH_METRICS_BIND_ADDRESS": "127.0.0.1",
+            "MOSS_SPEECH_PLAINTEXT": "true",
+            "MOSS_SPEECH_AUTH": "none",
+        }
         with open(work / "service.log", "w") as log:
-            service = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT)
+            service = subprocess.Popen(
+                [sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             wait_serving(f"127.0.0.1:{port}")
-            print(f"      tritonserver grpc {triton.grpc_url}, service 127.0.0.1:{port}, "
-                  f"metrics http://127.0.0.1:{metrics_port}/metrics (logs in {work})")
+            print(
+                f"      tritonserver grpc {triton.grpc_url}, service 127.0.0.1:{port}, "
+                f"metrics http://127.0.0.1:{metrics_port}/metrics (logs in {work})"
+            )
             answer = work / "answer.wav"
             print(f"[5/5] asking over gRPC (StreamConverse), streaming the spoken answer -> {answer}")
-            rc = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--audio", str(question),
-                                 "--out", str(answer), "--server", f"127.0.0.1:{port}", "--plaintext",
-                                 "--max-new-tokens", str(args.max_new_tokens)], check=False).returncode
+            rc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "moss_speech.cli.main",
+                    "ask",
+                    "--audio",
+                    str(question),
+                    "--out",
+                    str(answer),
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--plaintext",
+                    "--max-new-tokens",
+                    str(args.max_new_tokens),
+                ],
+                check=False,
+            ).returncode
         finally:
             service.send_signal(signal.SIGTERM)
             service.wait(60)
     if rc == 0:
-        print(f"\nanswer: {answer}\nThe tiny checkpoint has random weights, so the answer is speech-shaped noise;"
-              " serve the real checkpoints with --checkpoint DIR --codec DIR (see README).")
+        print(
+            f"\nanswer: {answer}\nThe tiny checkpoint has random weights, so the answer is speech-shaped noise;"
+            " serve the real checkpoints with --checkpoint DIR --codec DIR (see README)."
+        )
     return rc

@@ -39,8 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that describe bad input (a wrong directory, an inconsistent config, audio that cannot be used):
 # printed as one line, not as a traceback.
-USER_ERRORS = ("ConfigError", "CheckpointError", "CodecConfigError", "BuildError", "ContextLengthError",
-               "AudioError", "TritonStartError")
+USER_ERRORS = (
+    "ConfigError",
+    "CheckpointError",
+    "CodecConfigError",
+    "BuildError",
+    "ContextLengthError",
+    "AudioError",
+    "TritonStartError",
+)
 
 
 # The base install is the service; these come with the `model` extra (pyproject.toml).
@@ -58,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if e.name not in MODEL_EXTRA_MODULES:
             raise
-        print(f"moss-speech {args.command}: error: needs `{e.name}`, part of the `model` extra: "
-              "pip install 'moss-speech-triton[model]'", file=sys.stderr)
+        print(
+            f"moss-speech {args.command}: error: needs `{e.name}`, part of the `model` extra: "
+            "pip install 'moss-speech-triton[model]'",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:
         if type(e).__name__ not in USER_ERRORS:

@@ -14,8 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--no-codec", action="store_true", help="only the LLM checkpoint")
-    tiny.add_argument("--small-vocab", action="store_true",
-                      help="a 288-token text vocabulary (special tokens from id 256) instead of the real 151,680")
+    tiny.add_argument(
+        "--small-vocab",
+        action="store_true",
+        help="a 288-token text vocabulary (special tokens from id 256) instead of the real 151,680",
+    )
     tiny.set_defaults(func=cmd_checkpoint_tiny)
 
     gen = sub.add_parser("generate", help="generate in process with the PyTorch reference runtime")
@@ -45,8 +48,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = CLI_DEFAULTS.get(name, default)
         kind = float if isinstance(default, float) else int
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
-                            help=f"{meaning} (default {default})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=f"{meaning} (default {default})"
+        )
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -67,8 +71,10 @@ def cmd_checkpoint_tiny(args: argparse.Namespace) -> int:
     from moss_speech.builders.tiny import CODEC_SUBDIR, write_tiny_bundle
 
     cfg = write_tiny_bundle(args.out, seed=args.seed, codec=not args.no_codec, small_vocab=args.small_vocab)
-    print(f"tiny LLM checkpoint ({cfg.num_shared_layers}+{cfg.num_modality_layers} layers, "
-          f"hidden {cfg.hidden_size}, text vocabulary {cfg.vocab_size}) -> {args.out}")
+    print(
+        f"tiny LLM checkpoint ({cfg.num_shared_layers}+{cfg.num_modality_layers} layers, "
+        f"hidden {cfg.hidden_size}, text vocabulary {cfg.vocab_size}) -> {args.out}"
+    )
     if not args.no_codec:
         print(f"tiny codec -> {args.out / CODEC_SUBDIR}")
     return 0
@@ -101,8 +107,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer))
     else:
-        print(f"prompt {answer['prompt_tokens']} rows, generated {answer['generated_tokens']} steps "
-              f"({answer['stop_reason']})")
+        print(
+            f"prompt {answer['prompt_tokens']} rows, generated {answer['generated_tokens']} steps "
+            f"({answer['stop_reason']})"
+        )
         print(f"speech tokens ({len(answer['speech_codes'])}): {answer['speech_codes']}")
         print(f"text: {answer['text']!r}")
     return 0

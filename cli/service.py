@@ -17,16 +17,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.add_argument("--drain-seconds", type=float, help="graceful shutdown bound (MOSS_SPEECH_DRAIN_SECONDS)")
     serve.add_argument("--bind", help="bind address of the gRPC port (MOSS_SPEECH_BIND_ADDRESS)")
-    serve.add_argument("--plaintext", action="store_true", default=None,
-                       help="no TLS on the gRPC port (MOSS_SPEECH_PLAINTEXT); loopback/trusted networks only")
+    serve.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS on the gRPC port (MOSS_SPEECH_PLAINTEXT); loopback/trusted networks only",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate chain (MOSS_SPEECH_TLS_CERT_FILE)")
     serve.add_argument("--tls-key", help="PEM private key (MOSS_SPEECH_TLS_KEY_FILE)")
-    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA: mTLS "
-                                               "(MOSS_SPEECH_TLS_CLIENT_CA_FILE)")
+    serve.add_argument(
+        "--tls-client-ca", help="require client certificates signed by this CA: mTLS (MOSS_SPEECH_TLS_CLIENT_CA_FILE)"
+    )
     serve.add_argument("--auth", choices=["api_keys", "none"], help="API key check (MOSS_SPEECH_AUTH)")
     serve.add_argument("--api-keys-file", help="key hashes, `key_id:sha256hex` lines (MOSS_SPEECH_API_KEYS_FILE)")
-    serve.add_argument("--reflection", action="store_true", default=None,
-                       help="serve gRPC reflection (MOSS_SPEECH_REFLECTION)")
+    serve.add_argument(
+        "--reflection", action="store_true", default=None, help="serve gRPC reflection (MOSS_SPEECH_REFLECTION)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     ask = sub.add_parser("ask", help="ask the service one question, stream the answer to a file")
@@ -47,8 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--ca", type=Path, help="PEM CA that signed the server certificate (default: system roots)")
     ask.add_argument("--cert", type=Path, help="client certificate for mTLS (PEM)")
     ask.add_argument("--key", type=Path, help="client key for mTLS (PEM)")
-    ask.add_argument("--api-key-env", default="MOSS_SPEECH_API_KEY",
-                     help="environment variable holding the API key (default MOSS_SPEECH_API_KEY)")
+    ask.add_argument(
+        "--api-key-env",
+        default="MOSS_SPEECH_API_KEY",
+        help="environment variable holding the API key (default MOSS_SPEECH_API_KEY)",
+    )
     ask.set_defaults(func=cmd_ask)
 
 
@@ -62,11 +71,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from moss_speech.services.settings import ServiceSettings
     from moss_speech.services.tls import TlsConfigError
 
-    flags = {"triton_url": args.triton_url, "grpc_port": args.port, "metrics_port": args.metrics_port,
-             "log_level": args.log_level, "log_format": args.log_format, "drain_seconds": args.drain_seconds,
-             "bind_address": args.bind, "plaintext": args.plaintext, "tls_cert_file": args.tls_cert,
-             "tls_key_file": args.tls_key, "tls_client_ca_file": args.tls_client_ca, "auth": args.auth,
-             "api_keys_file": args.api_keys_file, "reflection": args.reflection}
+    flags = {
+        "triton_url": args.triton_url,
+        "grpc_port": args.port,
+        "metrics_port": args.metrics_port,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "drain_seconds": args.drain_seconds,
+        "bind_address": args.bind,
+        "plaintext": args.plaintext,
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+        "auth": args.auth,
+        "api_keys_file": args.api_keys_file,
+        "reflection": args.reflection,
+    }
     try:
         settings = ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as e:
@@ -75,8 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(settings))
     except (TlsConfigError, KeyFileError) as e:
-        print(f"moss-speech serve: {e}\n(plaintext without keys needs MOSS_SPEECH_PLAINTEXT=true and "
-              "MOSS_SPEECH_AUTH=none, for loopback only; see docs/security.md)", file=sys.stderr)
+        print(
+            f"moss-speech serve: {e}\n(plaintext without keys needs MOSS_SPEECH_PLAINTEXT=true and "
+            "MOSS_SPEECH_AUTH=none, for loopback only; see docs/security.md)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -90,7 +113,8 @@ def client_channel(args: argparse.Namespace):
     creds = grpc.ssl_channel_credentials(
         root_certificates=args.ca.read_bytes() if args.ca else None,
         private_key=args.key.read_bytes() if args.key else None,
-        certificate_chain=args.cert.read_bytes() if args.cert else None)
+        certificate_chain=args.cert.read_bytes() if args.cert else None,
+    )
     return grpc.secure_channel(args.server, creds)
 
 
@@ -109,15 +133,21 @@ def _requests(args: argparse.Namespace, pb, session_id: str):
         if getattr(args, name) is not None:
             setattr(sampling, name, getattr(args, name))
     output = pb.OUTPUT_MODALITY_TEXT if args.output == "text" else pb.OUTPUT_MODALITY_SPEECH
-    yield pb.StreamConverseRequest(config=pb.StreamConfig(
-        session_id=session_id, output=output, voice=args.voice, sampling=sampling,
-        input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_CONTAINER)))
+    yield pb.StreamConverseRequest(
+        config=pb.StreamConfig(
+            session_id=session_id,
+            output=output,
+            voice=args.voice,
+            sampling=sampling,
+            input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_CONTAINER),
+        )
+    )
     if args.text is not None:
         yield pb.StreamConverseRequest(text=args.text)
     else:
         data = args.audio.read_bytes()
         for i in range(0, len(data), 64 * 1024):
-            yield pb.StreamConverseRequest(audio=data[i:i + 64 * 1024])
+            yield pb.StreamConverseRequest(audio=data[i : i + 64 * 1024])
     args._t_end_of_input = time.perf_counter()
     yield pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())
 
@@ -141,12 +171,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     try:
         session_id = args.session
         if args.new_session:
-            session_id = stub.CreateSession(pb.CreateSessionRequest(), timeout=10,
-                                            metadata=auth_metadata(args)).session_id
+            session_id = stub.CreateSession(
+                pb.CreateSessionRequest(), timeout=10, metadata=auth_metadata(args)
+            ).session_id
             print(f"session: {session_id}", file=sys.stderr)
         args._t_end_of_input = time.perf_counter()
-        for msg in stub.StreamConverse(_requests(args, pb, session_id), timeout=args.timeout,
-                                       metadata=auth_metadata(args)):
+        for msg in stub.StreamConverse(
+            _requests(args, pb, session_id), timeout=args.timeout, metadata=auth_metadata(args)
+        ):
             kind = msg.WhichOneof("kind")
             if kind == "text":
                 print(msg.text.text, end="", flush=True)
@@ -158,8 +190,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 rate = msg.audio.sample_rate
                 if args.out is not None:
                     if writer is None:
-                        writer = sf.SoundFile(args.out, "w", samplerate=rate, channels=1, subtype="PCM_16",
-                                              format="WAV")
+                        writer = sf.SoundFile(
+                            args.out, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV"
+                        )
                     writer.write(pcm)
                     writer.flush()  # the file grows as the answer arrives
             elif kind == "final":
@@ -170,12 +203,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 print(f"request id: {msg.request_id}", file=sys.stderr)
                 if samples:
                     server_ttfa = f.timings.time_to_first_audio_ms
-                    print(f"time to first audio: {1000 * ttfa:.0f} ms (server {server_ttfa:.0f} ms)"
-                          f"; real-time factor: {wall / audio_s:.3f} ({audio_s:.2f} s of audio in {wall:.2f} s)",
-                          file=sys.stderr)
-                print(f"tokens: {f.usage.generated_tokens} generated, stop: {f.usage.stop_reason}"
-                      + (f"; {f.usage.dropped_turns} old turn(s) dropped from the context"
-                         if f.usage.context_truncated else ""), file=sys.stderr)
+                    print(
+                        f"time to first audio: {1000 * ttfa:.0f} ms (server {server_ttfa:.0f} ms)"
+                        f"; real-time factor: {wall / audio_s:.3f} ({audio_s:.2f} s of audio in {wall:.2f} s)",
+                        file=sys.stderr,
+                    )
+                print(
+                    f"tokens: {f.usage.generated_tokens} generated, stop: {f.usage.stop_reason}"
+                    + (
+                        f"; {f.usage.dropped_turns} old turn(s) dropped from the context"
+                        if f.usage.context_truncated
+                        else ""
+                    ),
+                    file=sys.stderr,
+                )
         if args.out is not None and writer is None:
             print("moss-speech ask: the answer had no audio; nothing written", file=sys.stderr)
         return 0

@@ -49,8 +49,9 @@ def _as_array(audio: Any) -> np.ndarray:
     return np.asarray(audio)
 
 
-def load_audio(audio: bytes | str | Path | Any, sample_rate: int | None, target_rate: int,
-               limits: AudioLimits | None = None) -> np.ndarray:
+def load_audio(
+    audio: bytes | str | Path | Any, sample_rate: int | None, target_rate: int, limits: AudioLimits | None = None
+) -> np.ndarray:
     """Decode/convert `audio` to float32 mono at `target_rate`. `sample_rate` is required for arrays."""
     import soundfile as sf
     import soxr

@@ -35,9 +35,19 @@ def _flags(t: T.Tensor) -> str:
 
 def tensor_table(tensors: Iterable[T.Tensor], where: dict[str, str] | None = None) -> str:
     where = where or {}
-    return _table(["name", "type", "shape", "", "meaning"],
-                  ([f"`{t.name}`" + (f" ({where[t.name]})" if t.name in where else ""), t.wire_type, _shape(t),
-                    _flags(t), t.meaning] for t in tensors))
+    return _table(
+        ["name", "type", "shape", "", "meaning"],
+        (
+            [
+                f"`{t.name}`" + (f" ({where[t.name]})" if t.name in where else ""),
+                t.wire_type,
+                _shape(t),
+                _flags(t),
+                t.meaning,
+            ]
+            for t in tensors
+        ),
+    )
 
 
 def _limits(limits: dict) -> str:
@@ -54,33 +64,55 @@ def render() -> str:
     ens_inputs = [T.AUDIO, T.TEXT, *T.TURN_INPUTS]
     parts = [
         "### Ensembles `s2s` (speech in) and `t2s` (text in)\n\n",
-        "Inputs:\n\n", tensor_table(ens_inputs, {T.AUDIO.name: T.S2S.name, T.TEXT.name: T.T2S.name}),
+        "Inputs:\n\n",
+        tensor_table(ens_inputs, {T.AUDIO.name: T.S2S.name, T.TEXT.name: T.T2S.name}),
         "\nStreamed outputs (every response has all of them; empty arrays when there is nothing new):\n\n",
         tensor_table(T.S2S.outputs),
     ]
     for model in T.PYTHON_MODELS:
-        parts += [f"\n### Model `{model.name}`\n\n", "Inputs:\n\n", tensor_table(model.inputs),
-                  "\nOutputs:\n\n", tensor_table(model.outputs)]
+        parts += [
+            f"\n### Model `{model.name}`\n\n",
+            "Inputs:\n\n",
+            tensor_table(model.inputs),
+            "\nOutputs:\n\n",
+            tensor_table(model.outputs),
+        ]
     parts += [
         f"\n### `{window.META}` fields (`moss_speech.contract.window.Window`), in order\n\n",
-        _table(["index", "field", "meaning"],
-               ([str(i), f"`{name}`", window.META_DOC[name]] for i, name in enumerate(window.META_FIELDS))),
+        _table(
+            ["index", "field", "meaning"],
+            ([str(i), f"`{name}`", window.META_DOC[name]] for i, name in enumerate(window.META_FIELDS)),
+        ),
         f"\n### `{T.SAMPLING.name}`: `moss_speech.contract.sampling.SamplingParams` as JSON\n\n",
-        _table(["field", "default", "limits", "meaning"],
-               ([f"`{name}`", f"`{json.dumps(default)}`", _limits(limits), meaning]
-                for name, (default, limits, meaning) in sampling.FIELDS.items())),
+        _table(
+            ["field", "default", "limits", "meaning"],
+            (
+                [f"`{name}`", f"`{json.dumps(default)}`", _limits(limits), meaning]
+                for name, (default, limits, meaning) in sampling.FIELDS.items()
+            ),
+        ),
         "\n### Streaming sizes (`moss_speech.contract.streaming.StreamingConfig`, also `ServingConfig` fields)\n\n",
-        _table(["field", "default", "limits", "meaning"],
-               ([f"`{name}`", f"`{json.dumps(info.default)}`", _field_limits(info), info.description or ""]
-                for name, info in streaming.StreamingConfig.model_fields.items())),
+        _table(
+            ["field", "default", "limits", "meaning"],
+            (
+                [f"`{name}`", f"`{json.dumps(info.default)}`", _field_limits(info), info.description or ""]
+                for name, info in streaming.StreamingConfig.model_fields.items()
+            ),
+        ),
         "\n### Audio (`moss_speech.contract.audio`)\n\n",
-        _table(["constant", "value", "meaning"], [
-            ["`INPUT_RATE`", f"{audio.INPUT_RATE}", f"Hz of `{T.AUDIO.name}` (the speech encoder's input)"],
-            ["`OUTPUT_RATE`", f"{audio.OUTPUT_RATE}", f"Hz of `{T.AUDIO_CHUNK.name}` (the vocoder's output)"],
-            ["`MAX_AUDIO_SECONDS`", f"{audio.MAX_AUDIO_SECONDS:g}",
-             "default longest input of one turn: `ServingConfig.max_audio_seconds` (`moss-speech build "
-             "--max-audio-seconds`) and the service's `MOSS_SPEECH_MAX_AUDIO_SECONDS`"],
-        ]),
+        _table(
+            ["constant", "value", "meaning"],
+            [
+                ["`INPUT_RATE`", f"{audio.INPUT_RATE}", f"Hz of `{T.AUDIO.name}` (the speech encoder's input)"],
+                ["`OUTPUT_RATE`", f"{audio.OUTPUT_RATE}", f"Hz of `{T.AUDIO_CHUNK.name}` (the vocoder's output)"],
+                [
+                    "`MAX_AUDIO_SECONDS`",
+                    f"{audio.MAX_AUDIO_SECONDS:g}",
+                    "default longest input of one turn: `ServingConfig.max_audio_seconds` (`moss-speech build "
+                    "--max-audio-seconds`) and the service's `MOSS_SPEECH_MAX_AUDIO_SECONDS`",
+                ],
+            ],
+        ),
     ]
     return "".join(parts)
 

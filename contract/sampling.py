@@ -17,8 +17,11 @@ FIELDS: dict[str, tuple[Any, dict[str, Any], str]] = {
     "temperature": (0.6, {"ge": 0.0, "le": 10.0}, "logits are divided by it before top-k / top-p; 0 = greedy"),
     "top_p": (0.95, {"gt": 0.0, "le": 1.0}, "nucleus mass kept after top-k (1 = off)"),
     "top_k": (20, {"ge": 0}, "candidates kept, ties at the k-th value included (0 = off)"),
-    "repetition_penalty": (1.1, {"gt": 0.0, "le": 10.0},
-                           "per channel over its whole history, prompt included (1 = none)"),
+    "repetition_penalty": (
+        1.1,
+        {"gt": 0.0, "le": 10.0},
+        "per channel over its whole history, prompt included (1 = none)",
+    ),
     "max_new_tokens": (500, {"ge": 1}, "cap on generated steps (rows)"),
     "min_new_tokens": (0, {"ge": 0}, "steps before the end of speech may be sampled"),
     "seed": (None, {"ge": 0, "lt": 2**63}, "random seed of the sampler (unset = random)"),

@@ -54,8 +54,9 @@ def check_name(name: str, description: str, limits: VoiceLimits | None = None) -
     if any(not c.isprintable() for c in name):
         raise VoiceRecordingError("voice name contains control characters")
     if len(description) > limits.max_description_chars:
-        raise VoiceRecordingError(f"voice description is {len(description)} characters, "
-                                  f"limit {limits.max_description_chars}")
+        raise VoiceRecordingError(
+            f"voice description is {len(description)} characters, limit {limits.max_description_chars}"
+        )
 
 
 def check_recording(pcm: np.ndarray, sample_rate: int, limits: VoiceLimits | None = None) -> float:
@@ -76,10 +77,14 @@ def check_recording(pcm: np.ndarray, sample_rate: int, limits: VoiceLimits | Non
     rms = np.sqrt(np.mean(np.square(pcm[: n * frame].reshape(n, frame), dtype=np.float64), axis=1))
     active = float(np.sum(20 * np.log10(np.maximum(rms, 1e-10)) >= limits.active_dbfs)) * frame / sample_rate
     if active < limits.min_active_seconds:
-        raise VoiceRecordingError(f"recording is silent or nearly silent: {active:.2f} s of it is at or above "
-                                  f"{limits.active_dbfs:g} dBFS, at least {limits.min_active_seconds:g} s is needed")
+        raise VoiceRecordingError(
+            f"recording is silent or nearly silent: {active:.2f} s of it is at or above "
+            f"{limits.active_dbfs:g} dBFS, at least {limits.min_active_seconds:g} s is needed"
+        )
     clipped = float(np.mean(np.abs(pcm) >= limits.clip_level))
     if clipped > limits.max_clipped_fraction:
-        raise VoiceRecordingError(f"recording is clipped: {100 * clipped:.2f} % of samples are at full scale, "
-                                  f"at most {100 * limits.max_clipped_fraction:g} % allowed")
+        raise VoiceRecordingError(
+            f"recording is clipped: {100 * clipped:.2f} % of samples are at full scale, "
+            f"at most {100 * limits.max_clipped_fraction:g} % allowed"
+        )
     return seconds

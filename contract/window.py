@@ -47,20 +47,19 @@ class Window:
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         """The three tensors of one response (batch dimension 1)."""
-        return {TOKENS: np.array(self.tokens, dtype=np.int64).reshape(1, -1),
-                META: np.array([self.meta()], dtype=np.int64),
-                VOICE: np.array([[self.voice_id.encode("utf-8")]], dtype=np.object_)}
+        return {
+            TOKENS: np.array(self.tokens, dtype=np.int64).reshape(1, -1),
+            META: np.array([self.meta()], dtype=np.int64),
+            VOICE: np.array([[self.voice_id.encode("utf-8")]], dtype=np.object_),
+        }
 
     @classmethod
     def from_tensors(cls, tokens: np.ndarray | None, meta: np.ndarray, voice_id: str | None = None) -> Window:
         """Read one request's tensors (any batch shape of one item); raises ValueError on a malformed meta."""
         values = np.asarray(meta).reshape(-1)
         if values.size != len(META_FIELDS):
-            raise ValueError(f"{META} has {values.size} values, expected {len(META_FIELDS)} "
-                             f"({', '.join(META_FIELDS)})")
+            raise ValueError(f"{META} has {values.size} values, expected {len(META_FIELDS)} ({', '.join(META_FIELDS)})")
         named = dict(zip(META_FIELDS, (int(v) for v in values), strict=True))
         named["finalize"], named["has_window"] = bool(named["finalize"]), bool(named["has_window"])
         toks = () if tokens is None else tuple(int(t) for t in np.asarray(tokens).reshape(-1))
         return cls(**named, tokens=toks, voice_id=voice_id or DEFAULT_VOICE)
-
-

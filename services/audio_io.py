@@ -51,8 +51,9 @@ class AudioSpec:
 def check_rate_channels(rate: int, channels: int, hint: str = "") -> None:
     """The same bounds for raw audio (from the request) and files (from their header)."""
     if not MIN_RATE <= rate <= MAX_RATE:
-        raise AudioError("bad_format", f"sample_rate {rate} Hz is outside [{MIN_RATE}, {MAX_RATE}]"
-                                       + (f" ({hint})" if hint else ""))
+        raise AudioError(
+            "bad_format", f"sample_rate {rate} Hz is outside [{MIN_RATE}, {MAX_RATE}]" + (f" ({hint})" if hint else "")
+        )
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioError("bad_format", f"channels {channels} is outside [1, {MAX_CHANNELS}]")
 
@@ -91,18 +92,25 @@ def decode(data: bytes, spec: AudioSpec, max_seconds: float) -> np.ndarray:
             dtype = RAW_DTYPES[spec.encoding]
             frame = dtype.itemsize * spec.channels
             if len(data) % frame:
-                raise AudioError("bad_format", f"{len(data)} bytes is not a whole number of {spec.encoding} "
-                                               f"frames ({frame} bytes for {spec.channels} channel(s))")
+                raise AudioError(
+                    "bad_format",
+                    f"{len(data)} bytes is not a whole number of {spec.encoding} "
+                    f"frames ({frame} bytes for {spec.channels} channel(s))",
+                )
             samples = np.frombuffer(data, dtype=dtype).reshape(-1, spec.channels)
             pcm = load_audio(samples, spec.sample_rate, INPUT_RATE, limits)
         if pcm.size < MIN_SAMPLES:
-            raise AudioError("empty", f"audio is {1000 * pcm.size / INPUT_RATE:.0f} ms long; the shortest turn is "
-                                      f"{1000 * MIN_SAMPLES // INPUT_RATE} ms")
+            raise AudioError(
+                "empty",
+                f"audio is {1000 * pcm.size / INPUT_RATE:.0f} ms long; the shortest turn is "
+                f"{1000 * MIN_SAMPLES // INPUT_RATE} ms",
+            )
         return pcm
     except AudioError as e:
         if e.is_resource_limit:
-            raise AudioError(e.kind, f"{e} (limit max_audio_seconds={max_seconds:g}, "
-                                     "env MOSS_SPEECH_MAX_AUDIO_SECONDS)") from None
+            raise AudioError(
+                e.kind, f"{e} (limit max_audio_seconds={max_seconds:g}, env MOSS_SPEECH_MAX_AUDIO_SECONDS)"
+            ) from None
         raise
 
 
@@ -121,8 +129,11 @@ class InputAudioBuffer:
     def add(self, piece: bytes) -> None:
         self.size += len(piece)
         if self.size > self._limit:
-            raise AudioError("too_long", f"streamed audio of this turn exceeds {self._limit} bytes "
-                                         f"(max_audio_seconds={self.max_seconds:g}, max_audio_buffer_bytes)")
+            raise AudioError(
+                "too_long",
+                f"streamed audio of this turn exceeds {self._limit} bytes "
+                f"(max_audio_seconds={self.max_seconds:g}, max_audio_buffer_bytes)",
+            )
         self._parts.append(piece)
 
     def take(self) -> bytes:

@@ -39,8 +39,14 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-def guarded_handler(descriptor: ServiceDescriptor, servicer: Any, keys: ApiKeys | None, limiter: Limiter,
-                    bounded: tuple[str, ...], retry_metadata: Callable[[float, str], tuple]) -> grpc.GenericRpcHandler:
+def guarded_handler(
+    descriptor: ServiceDescriptor,
+    servicer: Any,
+    keys: ApiKeys | None,
+    limiter: Limiter,
+    bounded: tuple[str, ...],
+    retry_metadata: Callable[[float, str], tuple],
+) -> grpc.GenericRpcHandler:
     handlers = {}
     for method in descriptor.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
@@ -48,17 +54,21 @@ def guarded_handler(descriptor: ServiceDescriptor, servicer: Any, keys: ApiKeys 
         impl = getattr(servicer, method.name)
         kind = (method.client_streaming, method.server_streaming)
         behavior = _behavior(impl, req_cls, kind, keys, limiter, method.name in bounded, retry_metadata)
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[kind]
-        handlers[method.name] = make(behavior, request_deserializer=None,
-                                     response_serializer=resp_cls.SerializeToString)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[kind]
+        handlers[method.name] = make(
+            behavior, request_deserializer=None, response_serializer=resp_cls.SerializeToString
+        )
     return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 
-def _behavior(impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limiter: Limiter, bounded: bool,
-              retry_metadata):
+def _behavior(
+    impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limiter: Limiter, bounded: bool, retry_metadata
+):
     client_streaming, server_streaming = kind
 
     async def admit(context) -> tuple[str, Any]:
@@ -75,8 +85,11 @@ def _behavior(impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limi
                 slot.__enter__()
             except LimitError as e:
                 details = f"{e}; retry in {math.ceil(e.retry_after)} s"
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details,
-                                    trailing_metadata=retry_metadata(e.retry_after, details))
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    details,
+                    trailing_metadata=retry_metadata(e.retry_after, details),
+                )
         return key_id, slot
 
     async def parse_one(raw: bytes, context) -> Any:
@@ -97,6 +110,7 @@ def _behavior(impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limi
             slot.__exit__(None, None, None)
 
     if server_streaming:
+
         async def streaming(request, context):
             _, slot = await admit(context)
             try:
@@ -105,6 +119,7 @@ def _behavior(impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limi
                     yield response
             finally:
                 release(slot)
+
         return streaming
 
     async def unary(request, context):
@@ -114,4 +129,5 @@ def _behavior(impl, req_cls, kind: tuple[bool, bool], keys: ApiKeys | None, limi
             return await impl(req, context)
         finally:
             release(slot)
+
     return unary

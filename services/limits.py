@@ -67,8 +67,9 @@ class Limiter:
         if self.streams >= self.limits.max_streams:
             raise LimitError(f"the server is at its limit of {self.limits.max_streams} concurrent calls", 1.0)
         if self._streams[key_id] >= self.limits.max_streams_per_key:
-            raise LimitError(f"this API key has {self.limits.max_streams_per_key} concurrent calls open "
-                             "(max_streams_per_key)", 1.0)
+            raise LimitError(
+                f"this API key has {self.limits.max_streams_per_key} concurrent calls open (max_streams_per_key)", 1.0
+            )
         self.streams += 1
         self._streams[key_id] += 1
         try:
@@ -85,15 +86,22 @@ class Limiter:
         audio.prune(now)
         lim = self.limits
         if turns.total + 1 > lim.turns_per_minute:
-            raise LimitError(f"this API key started {lim.turns_per_minute} turns in the last minute "
-                             "(turns_per_minute_per_key)", turns.retry_after(now, 1, lim.turns_per_minute))
+            raise LimitError(
+                f"this API key started {lim.turns_per_minute} turns in the last minute (turns_per_minute_per_key)",
+                turns.retry_after(now, 1, lim.turns_per_minute),
+            )
         if audio_seconds and audio.total + audio_seconds > lim.audio_seconds_per_minute:
             if audio_seconds > lim.audio_seconds_per_minute:
-                raise LimitError(f"this turn has {audio_seconds:.1f} s of audio, more than the per-minute "
-                                 f"limit of {lim.audio_seconds_per_minute:g} s", WINDOW_SECONDS)
-            raise LimitError(f"this API key sent {audio.total:.1f} s of audio in the last minute, limit "
-                             f"{lim.audio_seconds_per_minute:g} s (audio_seconds_per_minute_per_key)",
-                             audio.retry_after(now, audio_seconds, lim.audio_seconds_per_minute))
+                raise LimitError(
+                    f"this turn has {audio_seconds:.1f} s of audio, more than the per-minute "
+                    f"limit of {lim.audio_seconds_per_minute:g} s",
+                    WINDOW_SECONDS,
+                )
+            raise LimitError(
+                f"this API key sent {audio.total:.1f} s of audio in the last minute, limit "
+                f"{lim.audio_seconds_per_minute:g} s (audio_seconds_per_minute_per_key)",
+                audio.retry_after(now, audio_seconds, lim.audio_seconds_per_minute),
+            )
         turns.events.append((now, 1.0))
         turns.total += 1
         if audio_seconds:
@@ -105,8 +113,10 @@ class Limiter:
         window)}, for clients that pace themselves (sent as `x-ratelimit-*` trailing metadata)."""
         now = self._clock()
         out = {}
-        for name, window, limit in (("turns", self._turns.get(key_id), self.limits.turns_per_minute),
-                                    ("audio-seconds", self._audio.get(key_id), self.limits.audio_seconds_per_minute)):
+        for name, window, limit in (
+            ("turns", self._turns.get(key_id), self.limits.turns_per_minute),
+            ("audio-seconds", self._audio.get(key_id), self.limits.audio_seconds_per_minute),
+        ):
             used, reset = 0.0, 0.0
             if window is not None:
                 window.prune(now)
@@ -120,8 +130,11 @@ def rate_limit_metadata(remaining: dict[str, tuple[float, float, float]]) -> tup
     """`x-ratelimit-{limit,remaining,reset}-<name>` metadata (reset in seconds) from `Limiter.remaining`."""
     md = []
     for name, (limit, left, reset) in remaining.items():
-        md += [(f"x-ratelimit-limit-{name}", f"{limit:g}"), (f"x-ratelimit-remaining-{name}", f"{left:g}"),
-               (f"x-ratelimit-reset-{name}", f"{reset:.3f}")]
+        md += [
+            (f"x-ratelimit-limit-{name}", f"{limit:g}"),
+            (f"x-ratelimit-remaining-{name}", f"{left:g}"),
+            (f"x-ratelimit-reset-{name}", f"{reset:.3f}"),
+        ]
     return tuple(md)
 
 

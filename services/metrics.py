@@ -37,11 +37,21 @@ TRITON_COMPUTE_INFER_DURATION_US = "nv_inference_compute_infer_duration_us"
 TRITON_GPU_UTILIZATION = "nv_gpu_utilization"
 TRITON_GPU_MEMORY_USED_BYTES = "nv_gpu_memory_used_bytes"
 
-TRITON_METRICS = frozenset({
-    TRITON_REQUEST_SUCCESS, TRITON_REQUEST_FAILURE, TRITON_INFERENCE_COUNT, TRITON_EXEC_COUNT,
-    TRITON_QUEUE_DURATION_US, TRITON_PENDING_REQUEST_COUNT, TRITON_COMPUTE_INFER_DURATION_US,
-    TRITON_GPU_UTILIZATION, TRITON_GPU_MEMORY_USED_BYTES, LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS,
-})
+TRITON_METRICS = frozenset(
+    {
+        TRITON_REQUEST_SUCCESS,
+        TRITON_REQUEST_FAILURE,
+        TRITON_INFERENCE_COUNT,
+        TRITON_EXEC_COUNT,
+        TRITON_QUEUE_DURATION_US,
+        TRITON_PENDING_REQUEST_COUNT,
+        TRITON_COMPUTE_INFER_DURATION_US,
+        TRITON_GPU_UTILIZATION,
+        TRITON_GPU_MEMORY_USED_BYTES,
+        LLM_ACTIVE_SEQUENCES,
+        LLM_KV_SLOTS,
+    }
+)
 
 # Label values.
 MODES = ("s2s", "t2s")  # speech in / text in
@@ -63,25 +73,36 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(_base(REQUESTS_TOTAL), "Finished RPCs by method, input mode and gRPC status.",
-                                ["method", "mode", "status"], registry=r)
+        self.requests = Counter(
+            _base(REQUESTS_TOTAL),
+            "Finished RPCs by method, input mode and gRPC status.",
+            ["method", "mode", "status"],
+            registry=r,
+        )
         self.time_to_first_audio = Histogram(
-            TIME_TO_FIRST_AUDIO_SECONDS, "From end of user input to the first PCM chunk sent, seconds.",
-            buckets=TTFA_BUCKETS, registry=r)
+            TIME_TO_FIRST_AUDIO_SECONDS,
+            "From end of user input to the first PCM chunk sent, seconds.",
+            buckets=TTFA_BUCKETS,
+            registry=r,
+        )
         self.real_time_factor = Histogram(
-            REAL_TIME_FACTOR, "Generation wall time divided by generated audio duration, per turn.",
-            buckets=RTF_BUCKETS, registry=r)
+            REAL_TIME_FACTOR,
+            "Generation wall time divided by generated audio duration, per turn.",
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
         self.active_streams = Gauge(ACTIVE_STREAMS, "Open streaming RPCs.", registry=r)
-        self.generated_tokens = Counter(_base(GENERATED_TOKENS_TOTAL), "Generated tokens by channel.",
-                                        ["channel"], registry=r)
-        self.triton_errors = Counter(_base(TRITON_ERRORS_TOTAL), "Failed Triton calls by kind.",
-                                     ["kind"], registry=r)
+        self.generated_tokens = Counter(
+            _base(GENERATED_TOKENS_TOTAL), "Generated tokens by channel.", ["channel"], registry=r
+        )
+        self.triton_errors = Counter(_base(TRITON_ERRORS_TOTAL), "Failed Triton calls by kind.", ["kind"], registry=r)
         self.sessions = Gauge(SESSIONS, "Sessions held in memory.", registry=r)
-        self.context_truncations = Counter(_base(CONTEXT_TRUNCATIONS_TOTAL),
-                                           "Turns whose history was truncated to fit max_context_tokens.",
-                                           registry=r)
-        self.triton_ready = Gauge(TRITON_READY, "1 while Triton and both ensembles are ready (health loop).",
-                                  registry=r)
+        self.context_truncations = Counter(
+            _base(CONTEXT_TRUNCATIONS_TOTAL), "Turns whose history was truncated to fit max_context_tokens.", registry=r
+        )
+        self.triton_ready = Gauge(
+            TRITON_READY, "1 while Triton and both ensembles are ready (health loop).", registry=r
+        )
 
     def exposition(self) -> bytes:
         """The text format served on /metrics."""
@@ -105,8 +126,9 @@ class ServiceMetrics:
                 pass
 
         host = addr.strip("[]")
-        server_cls = type("MetricsServer", (ThreadingHTTPServer,), {"daemon_threads": True,
-                                                                  "address_family": _family(host)})
+        server_cls = type(
+            "MetricsServer", (ThreadingHTTPServer,), {"daemon_threads": True, "address_family": _family(host)}
+        )
         httpd = server_cls((host, port), OnlyMetrics)
         threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
 

@@ -65,11 +65,16 @@ from moss_speech.services.voices import VoiceRPCs, is_created
 log = get_logger("server")
 
 ENCODINGS = {
-    speech_pb2.AUDIO_ENCODING_UNSPECIFIED: "container", speech_pb2.AUDIO_ENCODING_CONTAINER: "container",
-    speech_pb2.AUDIO_ENCODING_PCM16: "pcm16", speech_pb2.AUDIO_ENCODING_FLOAT32: "float32",
+    speech_pb2.AUDIO_ENCODING_UNSPECIFIED: "container",
+    speech_pb2.AUDIO_ENCODING_CONTAINER: "container",
+    speech_pb2.AUDIO_ENCODING_PCM16: "pcm16",
+    speech_pb2.AUDIO_ENCODING_FLOAT32: "float32",
 }
-OUTPUTS = {speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech", speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
-           speech_pb2.OUTPUT_MODALITY_TEXT: "text"}
+OUTPUTS = {
+    speech_pb2.OUTPUT_MODALITY_UNSPECIFIED: "speech",
+    speech_pb2.OUTPUT_MODALITY_SPEECH: "speech",
+    speech_pb2.OUTPUT_MODALITY_TEXT: "text",
+}
 CALL_METHODS = ("Converse", "StreamConverse")  # the calls that count against the concurrent-call limits
 LIVENESS_SERVICE = "liveness"  # grpc.health.v1 service name of the liveness probe
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # what SessionStore.create hands out
@@ -151,8 +156,9 @@ def retry_metadata(retry_after: float, message: str) -> tuple[tuple[str, str | b
         from google.rpc import code_pb2, error_details_pb2, status_pb2
     except ImportError:
         return (("retry-after-ms", str(ms)),)
-    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
-                                                                          nanos=(ms % 1000) * 1_000_000))
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    )
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)  # = the call's details
     status.details.add().Pack(info)
     return (("retry-after-ms", str(ms)), ("grpc-status-details-bin", status.SerializeToString()))
@@ -183,21 +189,42 @@ class TurnOutcome:
 
 
 class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voice RPCs: services/voices.py
-    def __init__(self, settings: ServiceSettings, triton: TritonClient, sessions: AsyncSessionStore,
-                 metrics: ServiceMetrics, limiter: Limiter | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        triton: TritonClient,
+        sessions: AsyncSessionStore,
+        metrics: ServiceMetrics,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.settings, self.triton, self.sessions, self.metrics = settings, triton, sessions, metrics
         self.tracing = Tracing.from_endpoint(settings.otlp_endpoint)  # off (no-op) when the endpoint is empty
         self.voice_ids: list[str] = []  # refreshed by the health loop; [] = Triton does not list them
         self.served_context: int | None = None  # the llm's max_context, read from Triton (health loop)
-        self.limiter = limiter or Limiter(Limits(settings.max_streams, settings.max_streams_per_key,
-                                                 settings.turns_per_minute_per_key,
-                                                 settings.audio_seconds_per_minute_per_key))
+        self.limiter = limiter or Limiter(
+            Limits(
+                settings.max_streams,
+                settings.max_streams_per_key,
+                settings.turns_per_minute_per_key,
+                settings.audio_seconds_per_minute_per_key,
+            )
+        )
         # Decoding/resampling is CPU work: off the event loop, on a small pool (calls are bounded by max_streams).
         self.audio_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="audio-decode")
-        self.key_requests = Counter("moss_speech_key_requests", "RPCs by API key id (never the key) and status.",
-                                    ["key_id", "method", "status"], registry=metrics.registry)
-        self.model_names = (settings.s2s_model, settings.t2s_model, settings.llm_model, settings.vocoder_model,
-                            "speech_encoder", "ensemble")
+        self.key_requests = Counter(
+            "moss_speech_key_requests",
+            "RPCs by API key id (never the key) and status.",
+            ["key_id", "method", "status"],
+            registry=metrics.registry,
+        )
+        self.model_names = (
+            settings.s2s_model,
+            settings.t2s_model,
+            settings.llm_model,
+            settings.vocoder_model,
+            "speech_encoder",
+            "ensemble",
+        )
 
     # --- limits derived from what is served ---------------------------------------------------------------
     def max_new_tokens_cap(self) -> int:
@@ -226,16 +253,18 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
     async def owned(self, session_id: str):
         """The caller's session; another key's session is as unknown as one never created (NOT_FOUND)."""
         if not SESSION_ID_RE.match(session_id):
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, "unknown session (never created, deleted, or evicted "
-                                                          "after its idle TTL)")
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND, "unknown session (never created, deleted, or evicted after its idle TTL)"
+            )
         s = await self.sessions.get(session_id)
         if s.owner != key_id_var.get():
             raise SessionNotFoundError(session_id)
         return s
 
     # --- validation ---------------------------------------------------------------------------------------
-    def _spec(self, output: int, voice: str, sampling: speech_pb2.Sampling, system_prompt: str,
-              session: TurnLease | None) -> TurnSpec:
+    def _spec(
+        self, output: int, voice: str, sampling: speech_pb2.Sampling, system_prompt: str, session: TurnLease | None
+    ) -> TurnSpec:
         if output not in OUTPUTS:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output modality {output}")
         if len(voice) > MAX_VOICE_CHARS:
@@ -243,14 +272,17 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         self._check_system_prompt(system_prompt)
         voice = voice or self.settings.default_voice
         if self.voice_ids and voice not in self.voice_ids and not is_created(voice):  # created: require_voice
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown voice {voice!r}; known voices: {', '.join(self.voice_ids)}"
+            )
         params = sampling_from_proto(sampling, self.settings.sampling_defaults())
         cap = self.max_new_tokens_cap()
         if params.max_new_tokens > cap:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"max_new_tokens {params.max_new_tokens} is over the limit of {cap} "
-                               "(max_new_tokens_limit and the served context)")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_new_tokens {params.max_new_tokens} is over the limit of {cap} "
+                "(max_new_tokens_limit and the served context)",
+            )
         if params.min_new_tokens > params.max_new_tokens:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "min_new_tokens is larger than max_new_tokens")
         system_prompt = system_prompt or (session.session.system_prompt if session else "")
@@ -258,17 +290,21 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
 
     def _check_system_prompt(self, prompt: str) -> None:
         if len(prompt) > self.settings.max_system_prompt_chars:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"system_prompt is {len(prompt)} characters, limit max_system_prompt_chars="
-                               f"{self.settings.max_system_prompt_chars}")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"system_prompt is {len(prompt)} characters, limit max_system_prompt_chars="
+                f"{self.settings.max_system_prompt_chars}",
+            )
 
     def _text(self, text: str) -> str:
         if not text.strip():
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "text input is empty")
         if len(text) > self.settings.max_text_chars:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"text is {len(text)} characters, limit max_text_chars={self.settings.max_text_chars} "
-                               "(env MOSS_SPEECH_MAX_TEXT_CHARS)")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"text is {len(text)} characters, limit max_text_chars={self.settings.max_text_chars} "
+                "(env MOSS_SPEECH_MAX_TEXT_CHARS)",
+            )
         return text
 
     @staticmethod
@@ -287,14 +323,23 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             yield lease
 
     # --- one turn -----------------------------------------------------------------------------------------
-    async def _turn(self, request_id: str, spec: TurnSpec, lease: TurnLease | None, context: grpc.aio.ServicerContext,
-                    *, audio: np.ndarray | None = None, text: str | None = None,
-                    t_input: float | None = None) -> AsyncIterator[tuple[str, Any]]:
+    async def _turn(
+        self,
+        request_id: str,
+        spec: TurnSpec,
+        lease: TurnLease | None,
+        context: grpc.aio.ServicerContext,
+        *,
+        audio: np.ndarray | None = None,
+        text: str | None = None,
+        t_input: float | None = None,
+    ) -> AsyncIterator[tuple[str, Any]]:
         """Yields ("text", str), ("audio", AudioChunk) and finally ("final", TurnOutcome)."""
         t0 = t_input if t_input is not None else time.perf_counter()
         await self.require_voice(spec.voice)  # a created voice: exists and is the caller's, else NOT_FOUND
-        history, dropped = (await lease.prepare(self.history_budget(spec, audio, text)) if lease
-                            else (np.zeros((0, 2), np.int64), 0))
+        history, dropped = (
+            await lease.prepare(self.history_budget(spec, audio, text)) if lease else (np.zeros((0, 2), np.int64), 0)
+        )
         if dropped:
             self.metrics.context_truncations.inc()
         timeout = self.settings.request_timeout_seconds
@@ -302,9 +347,18 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.001))
         tt = self.tracing.start_turn(request_id, "s2s" if audio is not None else "t2s", started=t0)
-        turn = TurnInput(request_id=request_id, history=history, output=spec.output, sampling=spec.sampling,
-                         voice=spec.voice, system_prompt=spec.system_prompt, audio=audio, text=text,
-                         trace_headers=tt.headers(), session_id=lease.session.session_id if lease else "")
+        turn = TurnInput(
+            request_id=request_id,
+            history=history,
+            output=spec.output,
+            sampling=spec.sampling,
+            voice=spec.voice,
+            system_prompt=spec.system_prompt,
+            audio=audio,
+            text=text,
+            trace_headers=tt.headers(),
+            session_id=lease.session.session_id if lease else "",
+        )
         out = TurnOutcome()
         audio_samples, seq = 0, 0
         t_first_audio = t_first_text = None
@@ -324,39 +378,59 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                     t_first_audio = t_first_audio or time.perf_counter()
                     tt.mark("first_audio")
                     audio_samples += chunk.audio.size
-                    yield "audio", speech_pb2.AudioChunk(pcm16=to_pcm16(chunk.audio), sample_rate=OUTPUT_RATE,
-                                                         sequence=seq)
+                    yield (
+                        "audio",
+                        speech_pb2.AudioChunk(pcm16=to_pcm16(chunk.audio), sample_rate=OUTPUT_RATE, sequence=seq),
+                    )
                     seq += 1
                 if chunk.final:
                     if lease and chunk.turn_rows is not None:
-                        await lease.commit(chunk.turn_rows, np.concatenate(generated) if generated else None,
-                                           spec.output)
+                        await lease.commit(
+                            chunk.turn_rows, np.concatenate(generated) if generated else None, spec.output
+                        )
                     usage = chunk.usage
                     out.usage = speech_pb2.Usage(
                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
                         generated_tokens=int(usage.get("generated_tokens", 0)),
-                        stop_reason=str(usage.get("stop_reason", "")), history_tokens=len(history),
-                        context_truncated=dropped > 0, dropped_turns=dropped)
+                        stop_reason=str(usage.get("stop_reason", "")),
+                        history_tokens=len(history),
+                        context_truncated=dropped > 0,
+                        dropped_turns=dropped,
+                    )
                     t_end = time.perf_counter()
                     audio_s = audio_samples / OUTPUT_RATE
                     out.timings = speech_pb2.Timings(
                         time_to_first_audio_ms=1000 * (t_first_audio - t0) if t_first_audio else 0.0,
                         time_to_first_text_ms=1000 * (t_first_text - t0) if t_first_text else 0.0,
-                        total_ms=1000 * (t_end - t0), audio_seconds=audio_s,
+                        total_ms=1000 * (t_end - t0),
+                        audio_seconds=audio_s,
                         real_time_factor=(t_end - t0) / audio_s if audio_s else 0.0,
-                        triton_ttft_ms=float(usage.get("ttft_ms", 0.0) or 0.0))
+                        triton_ttft_ms=float(usage.get("ttft_ms", 0.0) or 0.0),
+                    )
                     if t_first_audio:
                         self.metrics.time_to_first_audio.observe(t_first_audio - t0)
                         self.metrics.real_time_factor.observe(out.timings.real_time_factor)
                     channel = "audio" if spec.output == "speech" else "text"
                     self.metrics.generated_tokens.labels(channel).inc(out.usage.generated_tokens)
-                    log.info("turn done", extra={"fields": {
-                        "output": spec.output, "generated_tokens": out.usage.generated_tokens,
-                        "stop_reason": out.usage.stop_reason, "ttfa_ms": round(out.timings.time_to_first_audio_ms, 1),
-                        "total_ms": round(out.timings.total_ms, 1), "history_tokens": len(history),
-                        "dropped_turns": dropped}})
-                    tt.done(generated_tokens=out.usage.generated_tokens, stop_reason=out.usage.stop_reason,
-                            ttfa_ms=out.timings.time_to_first_audio_ms)
+                    log.info(
+                        "turn done",
+                        extra={
+                            "fields": {
+                                "output": spec.output,
+                                "generated_tokens": out.usage.generated_tokens,
+                                "stop_reason": out.usage.stop_reason,
+                                "ttfa_ms": round(out.timings.time_to_first_audio_ms, 1),
+                                "total_ms": round(out.timings.total_ms, 1),
+                                "history_tokens": len(history),
+                                "dropped_turns": dropped,
+                            }
+                        },
+                    )
+                    tt.done(
+                        generated_tokens=out.usage.generated_tokens,
+                        stop_reason=out.usage.stop_reason,
+                        ttfa_ms=out.timings.time_to_first_audio_ms,
+                    )
                     yield "final", out
                     return
         except TritonCallError as e:
@@ -365,8 +439,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         finally:
             tt.close()
 
-    async def _fitting(self, turn: TurnInput, lease: TurnLease | None, timeout: float,
-                       fit: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _fitting(
+        self, turn: TurnInput, lease: TurnLease | None, timeout: float, fit: dict[str, Any]
+    ) -> AsyncIterator[Any]:
         """`triton.generate`; when the prompt does not fit the served context before anything streamed (the
         budget is an estimate), drop older turns and try again: a conversation never gets stuck."""
         for attempt in range(4):
@@ -377,8 +452,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                     yield chunk
                 return
             except TritonCallError as e:
-                if started or lease is None or not len(turn.history) or "does not fit" not in e.message \
-                        or attempt == 3:
+                if started or lease is None or not len(turn.history) or "does not fit" not in e.message or attempt == 3:
                     raise
             history, dropped = await lease.prepare(len(turn.history) // 2 if attempt < 2 else 0)
             fit["history"], fit["dropped"] = history, fit["dropped"] + dropped
@@ -390,15 +464,25 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
         self.metrics.requests.labels(method, mode, code.name).inc()
         self.key_requests.labels(key_id_var.get() or "-", method, code.name).inc()
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, mode: str, e: BaseException,
-                    request_id: str) -> None:
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, method: str, mode: str, e: BaseException, request_id: str
+    ) -> None:
         code, message = to_status(e)
         message = public_message(message, self.model_names)
         await self._record(method, mode, code)
         internal = code == grpc.StatusCode.INTERNAL
-        (log.error if internal else log.info)("request failed", exc_info=internal, extra={"fields": {
-            "method": method, "status": code.name, "error": SESSION_IN_TEXT_RE.sub("<session>", message),
-            **({"detail": f"{type(e).__name__}: {e}"} if internal or isinstance(e, TritonCallError) else {})}})
+        (log.error if internal else log.info)(
+            "request failed",
+            exc_info=internal,
+            extra={
+                "fields": {
+                    "method": method,
+                    "status": code.name,
+                    "error": SESSION_IN_TEXT_RE.sub("<session>", message),
+                    **({"detail": f"{type(e).__name__}: {e}"} if internal or isinstance(e, TritonCallError) else {}),
+                }
+            },
+        )
         details = f"{message} [request_id={request_id}]"
         trailing = retry_metadata(e.retry_after, details) if isinstance(e, LimitError) else ()
         await context.abort(code, details, trailing_metadata=trailing)
@@ -421,8 +505,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"stream idle: no message for {idle:g} s (stream_idle_seconds)") from None
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle: no message for {idle:g} s (stream_idle_seconds)"
+                ) from None
             yield msg
 
     # --- RPCs ---------------------------------------------------------------------------------------------
@@ -444,8 +529,7 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                 spec = self._spec(request.output, request.voice, request.sampling, request.system_prompt, lease)
                 texts, pcm = [], []
                 outcome = TurnOutcome()
-                async for what, value in self._turn(rid, spec, lease, context, audio=audio, text=text,
-                                                    t_input=t_input):
+                async for what, value in self._turn(rid, spec, lease, context, audio=audio, text=text, t_input=t_input):
                     if what == "text":
                         texts.append(value)
                     elif what == "audio":
@@ -454,8 +538,14 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                         outcome = value
             await self._record("Converse", mode, grpc.StatusCode.OK)
             return speech_pb2.ConverseResponse(
-                request_id=rid, session_id=request.session_id, text="".join(texts), audio_pcm16=b"".join(pcm),
-                sample_rate=OUTPUT_RATE, usage=outcome.usage, timings=outcome.timings)
+                request_id=rid,
+                session_id=request.session_id,
+                text="".join(texts),
+                audio_pcm16=b"".join(pcm),
+                sample_rate=OUTPUT_RATE,
+                usage=outcome.usage,
+                timings=outcome.timings,
+            )
         except asyncio.CancelledError:
             await self._record("Converse", mode, grpc.StatusCode.CANCELLED)
             log.info("client cancelled", extra={"fields": {"method": "Converse"}})
@@ -477,8 +567,9 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             audio_spec.check()
             async with self._maybe_hold(cfg.session_id) as lease:
                 spec = self._spec(cfg.output, cfg.voice, cfg.sampling, cfg.system_prompt, lease)
-                buffer = InputAudioBuffer(audio_spec, self.settings.max_audio_seconds,
-                                          self.settings.max_audio_buffer_bytes)
+                buffer = InputAudioBuffer(
+                    audio_spec, self.settings.max_audio_seconds, self.settings.max_audio_buffer_bytes
+                )
                 text: str | None = None
                 turn_index = 0
 
@@ -495,17 +586,26 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                     self.account_turn(turn_audio)
                     turn_id = f"{rid}-{turn_index}"
                     request_id_var.set(turn_id)
-                    async for what, value in self._turn(turn_id, spec, lease, context, audio=turn_audio,
-                                                        text=turn_text, t_input=t_input):
+                    async for what, value in self._turn(
+                        turn_id, spec, lease, context, audio=turn_audio, text=turn_text, t_input=t_input
+                    ):
                         if what == "text":
-                            yield speech_pb2.StreamConverseResponse(request_id=turn_id,
-                                                                    text=speech_pb2.TextDelta(text=value))
+                            yield speech_pb2.StreamConverseResponse(
+                                request_id=turn_id, text=speech_pb2.TextDelta(text=value)
+                            )
                         elif what == "audio":
                             yield speech_pb2.StreamConverseResponse(request_id=turn_id, audio=value)
                         else:
-                            yield speech_pb2.StreamConverseResponse(request_id=turn_id, final=speech_pb2.TurnResult(
-                                session_id=cfg.session_id, text="".join(value.text), usage=value.usage,
-                                timings=value.timings, turn_index=turn_index))
+                            yield speech_pb2.StreamConverseResponse(
+                                request_id=turn_id,
+                                final=speech_pb2.TurnResult(
+                                    session_id=cfg.session_id,
+                                    text="".join(value.text),
+                                    usage=value.usage,
+                                    timings=value.timings,
+                                    turn_index=turn_index,
+                                ),
+                            )
                     turn_index += 1
 
                 async for msg in request_iterator:
@@ -519,16 +619,20 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
                             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "a turn is either text or audio")
                         text = (text or "") + msg.text
                         if len(text) > self.settings.max_text_chars:
-                            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                                               f"streamed text of this turn is over max_text_chars="
-                                               f"{self.settings.max_text_chars}")
+                            raise ServiceError(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"streamed text of this turn is over max_text_chars={self.settings.max_text_chars}",
+                            )
                     elif kind == "end_of_turn":
                         async for response in run_turn():
                             yield response
                     else:
-                        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                                           "StreamConfig is only allowed as the first message" if kind == "config"
-                                           else "empty stream message")
+                        raise ServiceError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "StreamConfig is only allowed as the first message"
+                            if kind == "config"
+                            else "empty stream message",
+                        )
                 if text is not None or buffer.size:  # the client closed without end_of_turn: finish that turn
                     async for response in run_turn():
                         yield response
@@ -546,16 +650,26 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
 
     def _session_msg(self, rid: str, s) -> speech_pb2.Session:
         return speech_pb2.Session(
-            request_id=rid, session_id=s.session_id, turns=len(s.turns), history_tokens=s.history_tokens,
-            dropped_turns=s.dropped_turns, idle_ttl_seconds=self.settings.session_ttl_seconds,
-            created_unix=s.created_unix, last_used_unix=s.last_used_unix, busy=s.busy)
+            request_id=rid,
+            session_id=s.session_id,
+            turns=len(s.turns),
+            history_tokens=s.history_tokens,
+            dropped_turns=s.dropped_turns,
+            idle_ttl_seconds=self.settings.session_ttl_seconds,
+            created_unix=s.created_unix,
+            last_used_unix=s.last_used_unix,
+            busy=s.busy,
+        )
 
     async def CreateSession(self, request, context):
         rid = await self._start(context)
         try:
             self._check_system_prompt(request.system_prompt)
-            s = await self.sessions.create(system_prompt=request.system_prompt, owner=key_id_var.get(),
-                                     max_per_owner=self.settings.max_sessions_per_key)
+            s = await self.sessions.create(
+                system_prompt=request.system_prompt,
+                owner=key_id_var.get(),
+                max_per_owner=self.settings.max_sessions_per_key,
+            )
             log.info("session created")  # the id is a bearer of the conversation: DEBUG only
             log.debug("session id", extra={"fields": {"session_id": s.session_id}})
             await self._record("CreateSession", "none", grpc.StatusCode.OK)
@@ -591,9 +705,13 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
             kept, removed, history = await self.sessions.truncate_reply(request.session_id, request.audio_end_ms)
             log.info("reply truncated", extra={"fields": {"speech_tokens": kept, "removed_rows": removed}})
             await self._record("TruncateReply", "none", grpc.StatusCode.OK)
-            return speech_pb2.TruncateReplyResponse(request_id=rid, session_id=request.session_id,
-                                                    speech_tokens=kept, removed_rows=removed,
-                                                    history_tokens=history)
+            return speech_pb2.TruncateReplyResponse(
+                request_id=rid,
+                session_id=request.session_id,
+                speech_tokens=kept,
+                removed_rows=removed,
+                history_tokens=history,
+            )
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "TruncateReply", "none", e, rid)
 
@@ -601,14 +719,21 @@ class MossSpeechServicer(VoiceRPCs, speech_pb2_grpc.MossSpeechServicer):  # voic
 class Service:
     """The gRPC server with health, reflection, metrics and a background Triton readiness loop."""
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None,
-                 host: str | None = None) -> None:
+    def __init__(
+        self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, host: str | None = None
+    ) -> None:
         self.settings = settings
         self.host = host or settings.bind_address  # `moss-speech up` binds loopback
         self.metrics = metrics or ServiceMetrics()
         # One client per Triton endpoint, requests balanced over them (services/triton_pool.py).
-        self.triton = TritonPool(settings.triton_url, settings.s2s_model, settings.t2s_model, settings.llm_model,
-                                 settings.vocoder_model, resolve_seconds=settings.triton_resolve_seconds)
+        self.triton = TritonPool(
+            settings.triton_url,
+            settings.s2s_model,
+            settings.t2s_model,
+            settings.llm_model,
+            settings.vocoder_model,
+            resolve_seconds=settings.triton_resolve_seconds,
+        )
         self.sessions = make_session_store(settings, on_change=self.metrics.sessions.set)
         self.servicer = MossSpeechServicer(settings, self.triton, self.sessions, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -631,16 +756,27 @@ class Service:
         st = self.settings
         self._security()
         limit = st.max_message_bytes
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", limit)])
-        self.server.add_generic_rpc_handlers((guarded_handler(
-            speech_pb2.DESCRIPTOR.services_by_name["MossSpeech"], self.servicer, self.keys,
-            self.servicer.limiter, CALL_METHODS, retry_metadata),))
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
+        self.server.add_generic_rpc_handlers(
+            (
+                guarded_handler(
+                    speech_pb2.DESCRIPTOR.services_by_name["MossSpeech"],
+                    self.servicer,
+                    self.keys,
+                    self.servicer.limiter,
+                    CALL_METHODS,
+                    retry_metadata,
+                ),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if st.reflection:
             reflection.enable_server_reflection(
                 [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-                self.server)
+                self.server,
+            )
         address = f"{self.host}:{st.grpc_port}"
         if self.tls is not None:
             self.port = self.server.add_secure_port(address, self.tls.credentials())
@@ -660,10 +796,21 @@ class Service:
         if serve_metrics:
             self.metrics.serve(st.metrics_port, addr=st.metrics_bind_address if self.host == "[::]" else self.host)
         self._loop_task = asyncio.create_task(self._health_loop())
-        log.info("serving", extra={"fields": {
-            "address": self.host, "port": self.port, "metrics_port": st.metrics_port, "health_port": st.health_port,
-            "tls": self.tls is not None, "mtls": bool(self.tls and st.tls_client_ca_file),
-            "auth": st.auth, "reflection": st.reflection}})
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "address": self.host,
+                    "port": self.port,
+                    "metrics_port": st.metrics_port,
+                    "health_port": st.health_port,
+                    "tls": self.tls is not None,
+                    "mtls": bool(self.tls and st.tls_client_ca_file),
+                    "auth": st.auth,
+                    "reflection": st.reflection,
+                }
+            },
+        )
         if self.tls is None:
             log.warning("plaintext gRPC (MOSS_SPEECH_PLAINTEXT=true): use only on loopback or a trusted network")
         if self.keys is None:
@@ -695,8 +842,10 @@ class Service:
         while True:
             ready = await self.triton.ready()
             if ready != self.triton_ready:
-                log.info("triton ready" if ready else "triton not ready",
-                         extra={"fields": {"triton_url": self.settings.triton_url}})
+                log.info(
+                    "triton ready" if ready else "triton not ready",
+                    extra={"fields": {"triton_url": self.settings.triton_url}},
+                )
                 if ready:
                     self.servicer.served_context = await self._read_served_context()
                     with contextlib.suppress(TritonCallError):

@@ -69,8 +69,9 @@ class Lease(ABC):
     async def prepare(self, budget: int | None = None) -> tuple[np.ndarray, int]: ...
 
     @abstractmethod
-    async def commit(self, turn_rows: np.ndarray, generated: np.ndarray | None = None,
-                     output: str = "speech") -> None: ...
+    async def commit(
+        self, turn_rows: np.ndarray, generated: np.ndarray | None = None, output: str = "speech"
+    ) -> None: ...
 
 
 class AsyncSessionStore(ABC):
@@ -103,6 +104,7 @@ class AsyncSessionStore(ABC):
 
 # --- in memory -------------------------------------------------------------------------------------------
 
+
 class _MemoryLease(Lease):
     def __init__(self, lease: TurnLease) -> None:
         self._lease, self.session = lease, lease.session
@@ -119,8 +121,14 @@ class MemorySessionStore(AsyncSessionStore):
 
     backend = "memory"
 
-    def __init__(self, ttl_seconds: float, max_sessions: int, max_context_tokens: int,
-                 on_change: Callable[[int], None] | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        ttl_seconds: float,
+        max_sessions: int,
+        max_context_tokens: int,
+        on_change: Callable[[int], None] | None = None,
+        **kw: Any,
+    ) -> None:
         self.store = SessionStore(ttl_seconds, max_sessions, max_context_tokens, on_change=on_change, **kw)
 
     def __len__(self) -> int:
@@ -171,8 +179,15 @@ def encode_session(s: Session) -> tuple[str, bytes]:
     meta["turn_rows"] = [len(t) for t in turns]
     r = s.last_reply
     reply_ok = r is not None and bool(s.turns) and s.turns[-1] is r.rows
-    meta["reply"] = None if not reply_ok else {
-        "start": r.start, "speech": r.speech, "eosp": None if r.eosp_row is None else [int(x) for x in r.eosp_row]}
+    meta["reply"] = (
+        None
+        if not reply_ok
+        else {
+            "start": r.start,
+            "speech": r.speech,
+            "eosp": None if r.eosp_row is None else [int(x) for x in r.eosp_row],
+        }
+    )
     rows = np.concatenate(turns).tobytes() if turns else b""
     return json.dumps(meta, separators=(",", ":")), rows
 
@@ -183,7 +198,7 @@ def decode_session(meta_json: str | bytes, rows: bytes) -> Session:
     turns: deque[np.ndarray] = deque()
     at = 0
     for n in meta.pop("turn_rows"):
-        turns.append(flat[at:at + n].copy())
+        turns.append(flat[at : at + n].copy())
         at += n
     reply = meta.pop("reply")
     known = {f.name for f in dataclasses.fields(Session)}
@@ -225,8 +240,16 @@ class _RedisLease(Lease):
 class RedisSessionStore(AsyncSessionStore):
     backend = "redis"
 
-    def __init__(self, url: str, ttl_seconds: float, max_context_tokens: int, lock_lease_seconds: float = 30.0,
-                 prefix: str = "moss-speech:", timeout_seconds: float = 2.0, client: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: float,
+        max_context_tokens: int,
+        lock_lease_seconds: float = 30.0,
+        prefix: str = "moss-speech:",
+        timeout_seconds: float = 2.0,
+        client: Any = None,
+    ) -> None:
         import redis.asyncio as aioredis  # the `redis` distribution (redis-py), a base dependency
         from redis import exceptions
 
@@ -235,8 +258,12 @@ class RedisSessionStore(AsyncSessionStore):
         self.lease_ms = max(100, int(lock_lease_seconds * 1000))
         self.prefix = prefix
         self.redis = client or aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds,
-            health_check_interval=10, retry_on_timeout=False)
+            url,
+            socket_connect_timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            health_check_interval=10,
+            retry_on_timeout=False,
+        )
         self._errors = (OSError, exceptions.ConnectionError, exceptions.TimeoutError)
         self._write = self.redis.register_script(_FENCED_WRITE)
         self._release = self.redis.register_script(_RELEASE)
@@ -279,13 +306,15 @@ class RedisSessionStore(AsyncSessionStore):
         s.last_used_unix = time.time()
         meta, rows = encode_session(s)
         async with self._io():
-            done = await self._write(keys=[self._lock(s.session_id), self._key(s.session_id)],
-                                     args=[token, meta, rows, self.ttl_ms])
+            done = await self._write(
+                keys=[self._lock(s.session_id), self._key(s.session_id)], args=[token, meta, rows, self.ttl_ms]
+            )
         if done == -1:
             raise SessionNotFoundError(s.session_id)
         if done != 1:
-            raise SessionBusyError(f"session {s.session_id!r} was taken over after this turn's lock lease expired; "
-                                   "the turn was not saved")
+            raise SessionBusyError(
+                f"session {s.session_id!r} was taken over after this turn's lock lease expired; the turn was not saved"
+            )
 
     def _owned(self, owner: str) -> str:
         return f"{self.prefix}owner:{owner}"
@@ -298,14 +327,19 @@ class RedisSessionStore(AsyncSessionStore):
         async with self._io():
             if max_per_owner:
                 ids = sorted(await self.redis.smembers(self._owned(owner)))
-                alive = [bool(x) for x in await asyncio.gather(*(self.redis.exists(self._key(
-                    i.decode() if isinstance(i, bytes) else i)) for i in ids))]
+                alive = [
+                    bool(x)
+                    for x in await asyncio.gather(
+                        *(self.redis.exists(self._key(i.decode() if isinstance(i, bytes) else i)) for i in ids)
+                    )
+                ]
                 gone = [i for i, a in zip(ids, alive, strict=True) if not a]
                 if gone:
                     await self.redis.srem(self._owned(owner), *gone)
                 if sum(alive) >= max_per_owner:
-                    raise SessionLimitError(f"this API key holds {max_per_owner} sessions (max_sessions_per_key); "
-                                            "delete one first")
+                    raise SessionLimitError(
+                        f"this API key holds {max_per_owner} sessions (max_sessions_per_key); delete one first"
+                    )
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._key(s.session_id), mapping={"meta": meta, "rows": rows})
                 pipe.pexpire(self._key(s.session_id), self.ttl_ms)
@@ -336,8 +370,9 @@ class RedisSessionStore(AsyncSessionStore):
             exists = await self.redis.exists(self._key(session_id))
         if not exists:
             raise SessionNotFoundError(session_id)
-        raise SessionBusyError(f"session {session_id!r} is in use by another request or stream; "
-                               "a session serves one at a time")
+        raise SessionBusyError(
+            f"session {session_id!r} is in use by another request or stream; a session serves one at a time"
+        )
 
     async def _keep_lease(self, session_id: str, token: str) -> None:
         """Renew the lock every third of its lease while the turn runs."""
@@ -390,8 +425,13 @@ class RedisSessionStore(AsyncSessionStore):
 def make_session_store(settings: Any, on_change: Callable[[int], None] | None = None) -> AsyncSessionStore:
     """The store `settings.sessions_backend` names (ServiceSettings)."""
     if settings.sessions_backend == "redis":
-        return RedisSessionStore(settings.redis_url, settings.session_ttl_seconds, settings.max_context_tokens,
-                                 lock_lease_seconds=settings.session_lock_lease_seconds,
-                                 prefix=settings.redis_key_prefix)
-    return MemorySessionStore(settings.session_ttl_seconds, settings.max_sessions, settings.max_context_tokens,
-                              on_change=on_change)
+        return RedisSessionStore(
+            settings.redis_url,
+            settings.session_ttl_seconds,
+            settings.max_context_tokens,
+            lock_lease_seconds=settings.session_lock_lease_seconds,
+            prefix=settings.redis_key_prefix,
+        )
+    return MemorySessionStore(
+        settings.session_ttl_seconds, settings.max_sessions, settings.max_context_tokens, on_change=on_change
+    )

@@ -92,7 +92,7 @@ def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
     audio_pad = rows[-1, 1]  # the closing newline is a text row
     tail = np.array([[rows[-2, 0], audio_pad], rows[-1]], dtype=np.int64)  # <|im_end|>, newline
     eosp = [reply.eosp_row[None]] if reply.eosp_row is not None else []
-    cut = np.concatenate([rows[:reply.start + keep], *eosp, tail]).astype(np.int64)
+    cut = np.concatenate([rows[: reply.start + keep], *eosp, tail]).astype(np.int64)
     return Reply(rows=cut, start=reply.start, speech=keep, eosp_row=reply.eosp_row), keep
 
 
@@ -151,15 +151,20 @@ def _locate_reply(rows: np.ndarray, generated: np.ndarray | None, output: str) -
     g = np.asarray(generated, dtype=np.int64).reshape(-1, 2)
     for closing in (1, 2):
         start = len(rows) - closing - len(g)
-        if start >= 0 and np.array_equal(rows[start:start + len(g)], g):
+        if start >= 0 and np.array_equal(rows[start : start + len(g)], g):
             return Reply.of(rows, start, g, output)
     return None
 
 
 class SessionStore:
-    def __init__(self, ttl_seconds: float, max_sessions: int, max_context_tokens: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        ttl_seconds: float,
+        max_sessions: int,
+        max_context_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
         self.ttl_seconds = ttl_seconds
         self.max_sessions = max_sessions
         self.max_context_tokens = max_context_tokens
@@ -198,13 +203,15 @@ class SessionStore:
         self.evict_expired()
         with self._lock:
             if max_per_owner and sum(1 for x in self._sessions.values() if x.owner == owner) >= max_per_owner:
-                raise SessionLimitError(f"this API key holds {max_per_owner} sessions (max_sessions_per_key); "
-                                        "delete one first")
+                raise SessionLimitError(
+                    f"this API key holds {max_per_owner} sessions (max_sessions_per_key); delete one first"
+                )
             if len(self._sessions) >= self.max_sessions:
                 idle = next((sid for sid, x in self._sessions.items() if not x.busy and x.owner == owner), None)
                 if idle is None:
-                    raise SessionLimitError(f"max_sessions={self.max_sessions} reached and none of this key's "
-                                            "sessions is idle")
+                    raise SessionLimitError(
+                        f"max_sessions={self.max_sessions} reached and none of this key's sessions is idle"
+                    )
                 del self._sessions[idle]
             s = Session(session_id=secrets.token_hex(16), system_prompt=system_prompt, owner=owner)
             self._sessions[s.session_id] = s
@@ -270,8 +277,9 @@ class SessionStore:
         s = self.get(session_id)
         with self._lock:
             if s.busy:
-                raise SessionBusyError(f"session {session_id!r} is in use by another request or stream; "
-                                       "a session serves one at a time")
+                raise SessionBusyError(
+                    f"session {session_id!r} is in use by another request or stream; a session serves one at a time"
+                )
             s.busy = True
             self._touch(s)
         try:

@@ -57,8 +57,10 @@ class ReloadingCredentials:
         try:  # the key must belong to the certificate (a rotation may be caught between the two writes)
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
         except (ssl.SSLError, OSError) as e:
-            raise TlsConfigError(f"TLS certificate {self.cert_file} and key {self.key_file} do not form a usable "
-                                 f"pair ({type(e).__name__})") from None
+            raise TlsConfigError(
+                f"TLS certificate {self.cert_file} and key {self.key_file} do not form a usable "
+                f"pair ({type(e).__name__})"
+            ) from None
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -68,8 +70,9 @@ class ReloadingCredentials:
         try:
             config = self._config()
         except TlsConfigError as e:
-            log.warning("TLS files changed but cannot be read; keeping the previous ones",
-                        extra={"fields": {"error": str(e)}})
+            log.warning(
+                "TLS files changed but cannot be read; keeping the previous ones", extra={"fields": {"error": str(e)}}
+            )
             return None
         self._stamp = stamp
         self.reloads += 1
@@ -77,5 +80,6 @@ class ReloadingCredentials:
         return config
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
-                                                   require_client_authentication=bool(self.client_ca_file))
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=bool(self.client_ca_file)
+        )

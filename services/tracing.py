@@ -47,8 +47,9 @@ class TurnTrace:
 class _OtelTurn(TurnTrace):
     def __init__(self, tracer: Any, otel: Any, request_id: str, mode: str, start_ns: int) -> None:
         self._tracer, self._otel = tracer, otel
-        self._span = tracer.start_span("turn", start_time=start_ns,
-                                       attributes={"moss_speech.request_id": request_id, "moss_speech.mode": mode})
+        self._span = tracer.start_span(
+            "turn", start_time=start_ns, attributes={"moss_speech.request_id": request_id, "moss_speech.mode": mode}
+        )
         self._ctx = otel.trace.set_span_in_context(self._span)
         self._start_ns = start_ns
         self._done = False
@@ -63,8 +64,9 @@ class _OtelTurn(TurnTrace):
             return
         self._call_ns = time.time_ns()
         self._tracer.start_span("encode", context=self._ctx, start_time=self._start_ns).end(end_time=self._call_ns)
-        self._call_span = self._tracer.start_span("triton", context=self._ctx, start_time=self._call_ns,
-                                                  kind=self._otel.trace.SpanKind.CLIENT)
+        self._call_span = self._tracer.start_span(
+            "triton", context=self._ctx, start_time=self._call_ns, kind=self._otel.trace.SpanKind.CLIENT
+        )
 
     def headers(self) -> dict[str, str]:
         self.call_started()

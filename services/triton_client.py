@@ -51,12 +51,34 @@ CHANNEL_ARGS = [
 # Model error messages that mean the request was too big (RESOURCE_EXHAUSTED; checked first: the llm words a
 # context overflow "invalid request: prompt ... does not fit"), bad (INVALID_ARGUMENT) or that Triton cannot take it
 # now (UNAVAILABLE, retryable). tests/unit/test_service_status.py feeds it every producer's wording.
-_RESOURCE_HINTS = ("does not fit", "context of", "no free slot", "noFreeSlot", "too long", "exceeds", "longer than",
-                   "the limit is")
-_INVALID_HINTS = ("unknown voice", "validation error", "invalid", "must be", "sampling", "not a valid", "is empty",
-                  "nan or inf")
-_UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "failed to connect",
-                      "already waiting")
+_RESOURCE_HINTS = (
+    "does not fit",
+    "context of",
+    "no free slot",
+    "noFreeSlot",
+    "too long",
+    "exceeds",
+    "longer than",
+    "the limit is",
+)
+_INVALID_HINTS = (
+    "unknown voice",
+    "validation error",
+    "invalid",
+    "must be",
+    "sampling",
+    "not a valid",
+    "is empty",
+    "nan or inf",
+)
+_UNAVAILABLE_HINTS = (
+    "unknown model",
+    "is not found",
+    "not ready",
+    "unavailable",
+    "failed to connect",
+    "already waiting",
+)
 
 
 class TritonCallError(Exception):
@@ -87,8 +109,7 @@ def rpc_error(e: grpc.aio.AioRpcError, url: str) -> TritonCallError:
         return TritonCallError(code, "Triton call cancelled", "cancelled")
     if code == grpc.StatusCode.UNAVAILABLE:
         return TritonCallError(code, f"Triton at {url} is unavailable: {e.details()}", "unavailable")
-    return TritonCallError(grpc.StatusCode.UNAVAILABLE, f"Triton call failed ({code.name}): {e.details()}",
-                           "rpc_error")
+    return TritonCallError(grpc.StatusCode.UNAVAILABLE, f"Triton call failed ({code.name}): {e.details()}", "rpc_error")
 
 
 @dataclass
@@ -140,7 +161,8 @@ def _read_chunk(result: Any) -> TurnChunk:
     delta = get(T.TEXT_DELTA.name)
     if delta is not None and delta.size:
         chunk.text_delta = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in delta.reshape(-1)).decode(
-            "utf-8", errors="replace")
+            "utf-8", errors="replace"
+        )
     tokens, rows = get(T.TEXT_TOKENS.name), get(T.ROWS.name)
     chunk.text_tokens = int(tokens.size) if tokens is not None else 0
     chunk.rows = int(rows.reshape(-1, 2).shape[0]) if rows is not None and rows.size else 0
@@ -170,11 +192,21 @@ async def _next(stream: Any) -> tuple[Any, Any] | None:
 
 
 class TritonClient:
-    def __init__(self, url: str, s2s_model: str = T.S2S.name, t2s_model: str = T.T2S.name,
-                 llm_model: str = T.LLM.name, vocoder_model: str = T.VOCODER.name) -> None:
+    def __init__(
+        self,
+        url: str,
+        s2s_model: str = T.S2S.name,
+        t2s_model: str = T.T2S.name,
+        llm_model: str = T.LLM.name,
+        vocoder_model: str = T.VOCODER.name,
+    ) -> None:
         self.url = url
         self.s2s_model, self.t2s_model, self.llm_model, self.vocoder_model = (
-            s2s_model, t2s_model, llm_model, vocoder_model)
+            s2s_model,
+            t2s_model,
+            llm_model,
+            vocoder_model,
+        )
         self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self._batch: dict[str, bool] = {}  # model -> whether its inputs carry a batch dimension
         self._open_turns: set[str] = set()  # request ids whose Triton stream is still open
@@ -203,8 +235,9 @@ class TritonClient:
         try:
             config = await self._client.get_model_config(self.vocoder_model, as_json=True, client_timeout=timeout)
         except InferenceServerException as e:
-            raise TritonCallError(grpc.StatusCode.UNAVAILABLE, f"cannot read the vocoder config: {e}",
-                                  "unavailable") from None
+            raise TritonCallError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot read the vocoder config: {e}", "unavailable"
+            ) from None
         raw = config.get("config", {}).get("parameters", {}).get("voices", {}).get("string_value", "")
         if not raw:
             return []
@@ -220,8 +253,9 @@ class TritonClient:
                 config = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
                 self._batch[model] = int(config.get("config", {}).get("max_batch_size", 0) or 0) > 0
             except InferenceServerException as e:
-                raise TritonCallError(grpc.StatusCode.UNAVAILABLE, f"Triton at {self.url} is unavailable: {e}",
-                                      "unavailable") from None
+                raise TritonCallError(
+                    grpc.StatusCode.UNAVAILABLE, f"Triton at {self.url} is unavailable: {e}", "unavailable"
+                ) from None
         return self._batch[model]
 
     async def _inputs(self, turn: TurnInput, model: str) -> list[InferInput]:
@@ -274,12 +308,16 @@ class TritonClient:
                 pending = asyncio.ensure_future(_next(stream))
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not (await asyncio.wait({pending}, timeout=left))[0]:
-                    raise TritonCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                          "deadline exceeded while waiting for Triton", "deadline")
+                    raise TritonCallError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for Triton", "deadline"
+                    )
                 item, pending = pending.result(), None
                 if item is None:
-                    raise TritonCallError(grpc.StatusCode.UNAVAILABLE,
-                                          "Triton closed the stream before the final response", "stream_closed")
+                    raise TritonCallError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "Triton closed the stream before the final response",
+                        "stream_closed",
+                    )
                 result, error = item
                 if error is not None:
                     got_final = True  # an error response ends the request inside Triton
@@ -292,6 +330,7 @@ class TritonClient:
         except grpc.aio.AioRpcError as e:
             raise rpc_error(e, self.url) from None
         finally:
+
             def closed(_: object = None) -> None:
                 finished.set()
                 self._open_turns.discard(turn.request_id)
@@ -317,8 +356,10 @@ class TritonClient:
         except grpc.aio.AioRpcError:
             return  # the stream already ended (deadline backstop, Triton gone)
         except TimeoutError:
-            log.warning("no final response after the cancel; cancelling the stream",
-                        extra={"fields": {"request_id": request_id}})
+            log.warning(
+                "no final response after the cancel; cancelling the stream",
+                extra={"fields": {"request_id": request_id}},
+            )
             stream.cancel()
 
     async def cancel(self, request_id: str, timeout: float = 5.0) -> bool:
@@ -332,8 +373,12 @@ class TritonClient:
             done = asyncio.Event()
 
             async def requests():
-                yield {"model_name": self.llm_model, "inputs": [t], "request_id": f"cancel-{request_id}",
-                       "parameters": {"triton_enable_empty_final_response": True}}
+                yield {
+                    "model_name": self.llm_model,
+                    "inputs": [t],
+                    "request_id": f"cancel-{request_id}",
+                    "parameters": {"triton_enable_empty_final_response": True},
+                }
                 await done.wait()
 
             t0 = time.perf_counter()
@@ -347,8 +392,12 @@ class TritonClient:
                         break
             finally:
                 done.set()
-            log.info("cancelled llm job", extra={"fields": {"cancelled_request_id": request_id,
-                                                            "ms": round(1000 * (time.perf_counter() - t0), 1)}})
+            log.info(
+                "cancelled llm job",
+                extra={
+                    "fields": {"cancelled_request_id": request_id, "ms": round(1000 * (time.perf_counter() - t0), 1)}
+                },
+            )
             return True
         except (grpc.aio.AioRpcError, InferenceServerException, TritonCallError) as e:
             log.warning("cancel control request failed", extra={"fields": {"error": str(e)}})

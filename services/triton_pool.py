@@ -34,8 +34,10 @@ log = get_logger("triton-pool")
 
 def rendezvous(key: str, endpoints: list[str]) -> list[str]:
     """Endpoints by decreasing highest-random-weight score for `key` (stable, minimal movement)."""
+
     def score(ep: str) -> int:
         return int.from_bytes(hashlib.blake2b(f"{key}|{ep}".encode(), digest_size=8).digest(), "big")
+
     return sorted(endpoints, key=score, reverse=True)
 
 
@@ -64,9 +66,14 @@ def resolve(name_port: str) -> list[str]:
 class TritonPool:
     """The `TritonClient` interface (ready, voices, generate, cancel, close) over many endpoints."""
 
-    def __init__(self, url: str, *models: str, resolve_seconds: float = 10.0,
-                 client_factory: Callable[..., TritonClient] = TritonClient,
-                 resolver: Callable[[str], list[str]] = resolve) -> None:
+    def __init__(
+        self,
+        url: str,
+        *models: str,
+        resolve_seconds: float = 10.0,
+        client_factory: Callable[..., TritonClient] = TritonClient,
+        resolver: Callable[[str], list[str]] = resolve,
+    ) -> None:
         self.url = url
         self.models = models
         self.resolve_seconds = resolve_seconds
@@ -120,7 +127,8 @@ class TritonPool:
 
     def pick(self, session_id: str = "", exclude: frozenset[str] = frozenset()) -> str:
         eps = [ep for ep in self._candidates() if ep not in exclude] or [
-            ep for ep in self.endpoints if ep not in exclude]
+            ep for ep in self.endpoints if ep not in exclude
+        ]
         if not eps:
             raise TritonCallError(grpc.StatusCode.UNAVAILABLE, "no Triton endpoint is available", "unavailable")
         if session_id:
@@ -167,8 +175,10 @@ class TritonPool:
                 self.healthy[ep] = False  # skipped until its readiness check passes again
                 if len(tried) >= len(self.clients):
                     raise
-                log.warning("triton endpoint failed; retrying the turn on another",
-                            extra={"fields": {"endpoint": ep, "error": e.message}})
+                log.warning(
+                    "triton endpoint failed; retrying the turn on another",
+                    extra={"fields": {"endpoint": ep, "error": e.message}},
+                )
             finally:
                 self.inflight[ep] -= 1
                 self._owner.pop(turn.request_id, None)

@@ -70,8 +70,14 @@ def cpu_repo(tiny_bundle, tmp_path_factory):
     from moss_speech.builders.export.build import build_repository
 
     out = tmp_path_factory.mktemp("cpu-repo")
-    build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", out,
-                     ServingConfig.for_target("cpu", max_slots=4, max_context=1024), progress=False)
+    build_repository(
+        tiny_bundle,
+        tiny_bundle / "codec",
+        "cpu",
+        out,
+        ServingConfig.for_target("cpu", max_slots=4, max_context=1024),
+        progress=False,
+    )
     return out
 
 
@@ -88,8 +94,7 @@ def served(cpu_repo):
 
     if not tritonserver_available():
         pytest.skip("no tritonserver (install the triton-local extra or run inside NVIDIA's container)")
-    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300,
-                       stop_timeout=20)
+    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300, stop_timeout=20)
     srv.start()
     yield srv
     code = srv.stop()

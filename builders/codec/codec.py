@@ -58,8 +58,9 @@ class SpeechCodec(CodecPipeline):
         """Offline decode of a whole utterance as one window, with full attention in the flow as the reference's
         offline path (streamed windows use chunk-causal attention, its streaming mode)."""
         codes = [int(c) for c in codes]
-        window = DecodeWindow(tokens=codes or [0], n_context=0, n_chunk=max(1, len(codes)), first_position=0,
-                              voice_id=voice_id)  # validates the codes
+        window = DecodeWindow(
+            tokens=codes or [0], n_context=0, n_chunk=max(1, len(codes)), first_position=0, voice_id=voice_id
+        )  # validates the codes
         if not codes:
             return np.zeros(0, np.float32)
         with self.flow.attention(chunked=False), torch.inference_mode():

@@ -178,9 +178,7 @@ class FlowEncoderConfig(_Schema):
     attention_heads: int = 8
     linear_units: int = 2048
     num_blocks: int = 6
-    num_up_blocks: int = (
-        4  # fixed at 4 in the reference module; a config field here so the tiny codec can shrink it
-    )
+    num_up_blocks: int = 4  # fixed at 4 in the reference module; a config field here so the tiny codec can shrink it
     input_layer: str = "linear"
     pos_enc_layer_type: str = "rel_pos_espnet"
     selfattention_layer_type: str = "rel_selfattn"

@@ -107,9 +107,7 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.in_dim // 2
-        freqs = torch.exp(
-            torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1))
-        )
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
         ang = 1000.0 * t.float()[:, None] * freqs[None, :]  # Matcha SinusoidalPosEmb, scale 1000
         emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
         return self.linear_2(F.silu(self.linear_1(emb)))
@@ -118,9 +116,7 @@ class TimestepEmbedding(nn.Module):
 def _stage(dim_in: int, dim: int, cfg: EstimatorConfig, time_dim: int, with_conv: bool) -> nn.ModuleList:
     parts: list[nn.Module] = [
         CausalResnetBlock1D(dim_in, dim, time_dim),
-        nn.ModuleList(
-            TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim) for _ in range(cfg.n_blocks)
-        ),
+        nn.ModuleList(TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim) for _ in range(cfg.n_blocks)),
     ]
     if with_conv:
         parts.append(CausalConv1d(dim, dim, 3))
@@ -158,11 +154,7 @@ class CausalConditionalDecoder(nn.Module):
         temb = self.time_mlp(t)
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
         visible = chunk_mask(x.shape[-1], self.chunk, x.device).unsqueeze(0) & mask.bool()  # [B, T, T]
-        bias = (
-            torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-            .masked_fill(~visible, -1e10)
-            .unsqueeze(1)
-        )
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, -1e10).unsqueeze(1)
 
         resnet, blocks, conv = self.down_blocks[0]
         h = resnet(h, mask, temb)

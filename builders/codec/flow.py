@@ -103,9 +103,7 @@ class FlowModel(nn.Module):
         does not
         use are ignored (returned in `ignored_keys`); missing or mis-shaped keys fail."""
         if chunk not in FLOW_WEIGHTS_NAMES:
-            raise CheckpointError(
-                f"no flow checkpoint for chunk size {chunk}; have {sorted(FLOW_WEIGHTS_NAMES)}"
-            )
+            raise CheckpointError(f"no flow checkpoint for chunk size {chunk}; have {sorted(FLOW_WEIGHTS_NAMES)}")
         name = FLOW_WEIGHTS_NAMES[chunk]
         model = cls(cfg, chunked=chunked)
         state = read_torch_state(codec_dir / FLOW_DIR / name)

@@ -38,17 +38,13 @@ class Snake(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, ch: int, k: int, dilations: list[int]):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            nn.Conv1d(ch, ch, k, dilation=d, padding=(k * d - d) // 2) for d in dilations
-        )
+        self.convs1 = nn.ModuleList(nn.Conv1d(ch, ch, k, dilation=d, padding=(k * d - d) // 2) for d in dilations)
         self.convs2 = nn.ModuleList(nn.Conv1d(ch, ch, k, padding=(k - 1) // 2) for _ in dilations)
         self.activations1 = nn.ModuleList(Snake(ch) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(ch) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2, a1, a2 in zip(
-            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
-        ):
+        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
             x = x + c2(a2(c1(a1(x))))
         return x
 
@@ -58,9 +54,7 @@ class ConvRNNF0Predictor(nn.Module):
         super().__init__()
         layers: dict[str, nn.Module] = {}
         for i in range(5):
-            layers[str(2 * i)] = nn.Conv1d(
-                in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1
-            )
+            layers[str(2 * i)] = nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)
         self.condnet = nn.ModuleDict(layers)  # Sequential(conv, ELU, ...) indices 0, 2, 4, 6, 8
         self.classifier = nn.Linear(cond_channels, num_class)
 
@@ -78,16 +72,12 @@ class SourceModule(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
-        self.register_buffer(
-            "harmonics", torch.arange(1, cfg.nb_harmonics + 2, dtype=torch.float32), persistent=False
-        )
+        self.register_buffer("harmonics", torch.arange(1, cfg.nb_harmonics + 2, dtype=torch.float32), persistent=False)
 
     def forward(self, f0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         cfg, up = self.cfg, self.cfg.samples_per_frame
         rad = torch.remainder(f0.unsqueeze(1) * self.harmonics[None, :, None] / cfg.sampling_rate, 1.0)
-        phase = torch.cumsum(rad, dim=2) * (
-            2 * math.pi
-        )  # frame-rate phase, as the reference's down-sampled cumsum
+        phase = torch.cumsum(rad, dim=2) * (2 * math.pi)  # frame-rate phase, as the reference's down-sampled cumsum
         phase = F.interpolate(phase * up, scale_factor=float(up), mode="linear", align_corners=False)
         sines = torch.sin(phase) * cfg.nsf_alpha  # [B, H, T * up]
         uv = F.interpolate(f0.unsqueeze(1), scale_factor=float(up), mode="nearest") > cfg.nsf_voiced_threshold
@@ -119,9 +109,7 @@ class HiFTGenerator(nn.Module):
             zip(cum, cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes, strict=True)
         ):
             ch = c // 2 ** (i + 1)
-            conv = (
-                nn.Conv1d(n_fft + 2, ch, 1) if u == 1 else nn.Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2)
-            )
+            conv = nn.Conv1d(n_fft + 2, ch, 1) if u == 1 else nn.Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2)
             self.source_downs.append(conv)
             self.source_resblocks.append(ResBlock(ch, k, d))
         self.resblocks = nn.ModuleList(

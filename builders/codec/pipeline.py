@@ -127,8 +127,9 @@ class CodecPipeline(CodecSizes):
         return self.encode_batch([load_audio(audio, sample_rate, self.input_rate, self.limits)])[0]
 
     # ---- voices
-    def make_voice(self, voice_id: str, audio: AudioInput, sample_rate: int | None = None,
-                   prompt_tokens: int | None = None) -> Voice:
+    def make_voice(
+        self, voice_id: str, audio: AudioInput, sample_rate: int | None = None, prompt_tokens: int | None = None
+    ) -> Voice:
         """A prompt recording -> prompt codes, the 24 kHz prompt mel cut to whole tokens, and its x-vector.
 
         `prompt_tokens` caps the prompt (created voices: `VoiceLimits.prompt_tokens`; built-in voices keep the
@@ -145,8 +146,12 @@ class CodecPipeline(CodecSizes):
         keep = n if prompt_tokens is None else min(n, prompt_tokens)
         start = loudest_segment(pcm16, self.samples_per_code_in, n, keep)
         xvec = self.xvector(pcm16) if self.xvector is not None else np.zeros(XVECTOR_DIM, np.float32)
-        return Voice(voice_id, codes[start : start + keep].copy(),
-                     np.ascontiguousarray(mel[:, ratio * start : ratio * (start + keep)]), xvec)
+        return Voice(
+            voice_id,
+            codes[start : start + keep].copy(),
+            np.ascontiguousarray(mel[:, ratio * start : ratio * (start + keep)]),
+            xvec,
+        )
 
     def _voice_from_file(self, voice_id: str, path: Path) -> Voice:
         return self.make_voice(voice_id, path)

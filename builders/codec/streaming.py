@@ -30,9 +30,7 @@ class DecodeWindow(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> DecodeWindow:
         if self.n_context + self.n_chunk > len(self.tokens):
-            raise ValueError(
-                f"n_context + n_chunk = {self.n_context + self.n_chunk} > {len(self.tokens)} tokens"
-            )
+            raise ValueError(f"n_context + n_chunk = {self.n_context + self.n_chunk} > {len(self.tokens)} tokens")
         if self.finalize and self.n_lookahead:
             raise ValueError("a finalize window has no lookahead tokens")
         bad = [t for t in self.tokens if not 0 <= t < SPEECH_CODEBOOK_SIZE]

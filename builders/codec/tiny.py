@@ -179,9 +179,7 @@ def _write_encoder(out: Path, seed: int) -> None:
             state[f"encoder.{k}"] = v
     state["encoder.layer_norm.weight"] = torch.ones(cfg.d_model)
     state["encoder.layer_norm.bias"] = torch.zeros(cfg.d_model)
-    state["encoder.embed_positions2.weight"] = _sinusoids(
-        math.ceil(cfg.max_source_positions / 4), cfg.d_model
-    )
+    state["encoder.embed_positions2.weight"] = _sinusoids(math.ceil(cfg.max_source_positions / 4), cfg.d_model)
     save_file(_half(state), str(out / ENCODER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = cfg.model_dump()
     config.update(

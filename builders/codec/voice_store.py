@@ -52,8 +52,12 @@ def new_voice_id() -> str:
 
 def conditioning_bytes(codes: np.ndarray, mel: np.ndarray, xvector: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, prompt_codes=np.asarray(codes, np.int64), prompt_mel=np.asarray(mel, np.float32),
-             xvector=np.asarray(xvector, np.float32))
+    np.savez(
+        buf,
+        prompt_codes=np.asarray(codes, np.int64),
+        prompt_mel=np.asarray(mel, np.float32),
+        xvector=np.asarray(xvector, np.float32),
+    )
     return buf.getvalue()
 
 
@@ -73,12 +77,29 @@ class VoiceStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-    def save(self, voice_id: str, name: str, description: str, owner: str, duration_seconds: float,
-             codes: np.ndarray, mel: np.ndarray, xvector: np.ndarray) -> VoiceRecord:
+    def save(
+        self,
+        voice_id: str,
+        name: str,
+        description: str,
+        owner: str,
+        duration_seconds: float,
+        codes: np.ndarray,
+        mel: np.ndarray,
+        xvector: np.ndarray,
+    ) -> VoiceRecord:
         npz, meta = self._paths(voice_id)
         data = conditioning_bytes(codes, mel, xvector)
-        record = VoiceRecord(voice_id, name, description, owner, round(float(duration_seconds), 3), time.time(),
-                             hashlib.sha256(data).hexdigest(), int(len(codes)))
+        record = VoiceRecord(
+            voice_id,
+            name,
+            description,
+            owner,
+            round(float(duration_seconds), 3),
+            time.time(),
+            hashlib.sha256(data).hexdigest(),
+            int(len(codes)),
+        )
         self._write(npz, data)
         self._write(meta, json.dumps(asdict(record)).encode())
         return record

@@ -107,8 +107,9 @@ class VoiceRegistry:
         except KeyError:
             raise UnknownVoiceError(voice_id, self.ids) from None
         with self._lock:
-            voice = self._by_digest.setdefault(record.digest, Voice(voice_id, arrays["prompt_codes"],
-                                                                    arrays["prompt_mel"], arrays["xvector"]))
+            voice = self._by_digest.setdefault(
+                record.digest, Voice(voice_id, arrays["prompt_codes"], arrays["prompt_mel"], arrays["xvector"])
+            )
             self._digest_of[voice_id] = record.digest
         return voice
 

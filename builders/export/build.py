@@ -69,6 +69,7 @@ class BuildError(RuntimeError):
 
 # --- file lists with sizes and hashes ------------------------------------------------------------------------
 
+
 def sha256_file(path: Path, bar: tqdm | None = None, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,13 +107,20 @@ def describe_files(paths: list[Path], roots: dict[str, Path], cache: dict[str, d
     out = []
     for p in sorted(paths):
         root = next(name for name, r in roots.items() if p.is_relative_to(r))
-        out.append({"root": root, "path": p.relative_to(roots[root]).as_posix(), "bytes": p.stat().st_size,
-                    "sha256": _cached_sha256(p, cache)})
+        out.append(
+            {
+                "root": root,
+                "path": p.relative_to(roots[root]).as_posix(),
+                "bytes": p.stat().st_size,
+                "sha256": _cached_sha256(p, cache),
+            }
+        )
     return out
 
 
-def check_files(entries: list[dict[str, Any]], roots: dict[str, Path], cache: dict[str, dict] | None = None
-                ) -> str | None:
+def check_files(
+    entries: list[dict[str, Any]], roots: dict[str, Path], cache: dict[str, dict] | None = None
+) -> str | None:
     """None when every listed file is present with its size and hash, else why not (naming the file)."""
     if not entries:
         return "no files recorded"
@@ -130,6 +138,7 @@ def check_files(entries: list[dict[str, Any]], roots: dict[str, Path], cache: di
 
 
 # --- steps -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Step:
@@ -164,11 +173,15 @@ def _isolated(fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         job = json.dumps({"fn": fn.__name__, "kwargs": kwargs, "result": str(result)})
-        proc = subprocess.run([sys.executable, "-c", "from moss_speech.builders.export.build import _stage_main; "
-                               "_stage_main()", job], check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", "from moss_speech.builders.export.build import _stage_main; _stage_main()", job],
+            check=False,
+        )
         if proc.returncode < 0 or not result.is_file():
-            raise BuildError(f"{fn.__name__} died with exit code {proc.returncode} (killed for memory? "
-                             f"docs/deploy.md gives the build's memory)")
+            raise BuildError(
+                f"{fn.__name__} died with exit code {proc.returncode} (killed for memory? "
+                f"docs/deploy.md gives the build's memory)"
+            )
         out = json.loads(result.read_text())
     if "error" in out:
         raise BuildError(f"{fn.__name__}: {out['error']}")
@@ -186,14 +199,16 @@ def _stage_main() -> None:
 
 # Stage functions: top level (a spawned process imports them), plain arguments, JSON-able results.
 
+
 def stage_export_llm(checkpoint: str, out: str, dtype: str) -> dict[str, Any]:
     from moss_speech.builders.export.onnx_llm import export_llm_onnx
 
     return {"graph": _describe(export_llm_onnx(checkpoint, out, dtype=dtype))}
 
 
-def stage_llm_engine(checkpoint: str, graph: str, plan: str, timing_cache: str, max_slots: int, max_context: int,
-                     precision: str) -> dict[str, Any]:
+def stage_llm_engine(
+    checkpoint: str, graph: str, plan: str, timing_cache: str, max_slots: int, max_context: int, precision: str
+) -> dict[str, Any]:
     from moss_speech.builders.export.tensorrt import build_engine, llm_profiles
 
     profiles = llm_profiles(MossSpeechConfig.from_dir(checkpoint), max_slots, max_context)
@@ -227,8 +242,7 @@ def stage_codec_voices(codec: str, graphs: str, threads: int) -> dict[str, Any]:
     out = Path(graphs) / VOICES_NAME
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    runtime = CodecRuntime.from_artifacts(codec, graphs, backend="onnxruntime", threads=threads,
-                                          graphs=ENCODER_GRAPHS)
+    runtime = CodecRuntime.from_artifacts(codec, graphs, backend="onnxruntime", threads=threads, graphs=ENCODER_GRAPHS)
     made = {}
     for voice_id, path in sorted(runtime.voices.builtin_files.items()):
         voice = runtime.make_voice(voice_id, path)  # from the recording, never a stale precomputed file
@@ -242,8 +256,14 @@ def _model_files(model: str, files: list[Path], graphs: Path) -> list[Path]:
     for the vocoder the speaker layer and the built-in voices' conditioning."""
     own = set(MODEL_GRAPHS[model])
     extra = {SPEAKER_NAME} if model == "vocoder" else set()
-    return [p for p in files if graph_of(p) in own or p.name == MANIFEST_NAME or p.name in extra
-            or (model == "vocoder" and p.parent == graphs / VOICES_NAME)]
+    return [
+        p
+        for p in files
+        if graph_of(p) in own
+        or p.name == MANIFEST_NAME
+        or p.name in extra
+        or (model == "vocoder" and p.parent == graphs / VOICES_NAME)
+    ]
 
 
 def _install(pairs: list[tuple[Path, Path]]) -> dict[str, Any]:
@@ -273,26 +293,52 @@ def _llm_steps(checkpoint: Path, repo: Path, cache: Path, serving: ServingConfig
     graph_dtype = serving.dtype if serving.llm_runtime == "tensorrt" else "float32"
     graph = cache / "llm" / f"model-{graph_dtype}.onnx"
     export_key = _key(source, "onnx", graph_dtype, BUILDER_VERSION)
-    export = Step("llm.onnx", export_key, [graph, graph.with_name(graph.name + ".data")],
-                  lambda: _isolated(stage_export_llm, checkpoint=str(checkpoint), out=str(graph), dtype=graph_dtype))
+    export = Step(
+        "llm.onnx",
+        export_key,
+        [graph, graph.with_name(graph.name + ".data")],
+        lambda: _isolated(stage_export_llm, checkpoint=str(checkpoint), out=str(graph), dtype=graph_dtype),
+    )
     if serving.llm_runtime == "onnxruntime":
         served = repo / LLM_ARTIFACTS / "model.onnx"
 
         def install() -> dict[str, Any]:
-            pairs = [(graph, served)] + [(d, served.with_name(served.name + ".data"))
-                                         for d in [graph.with_name(graph.name + ".data")] if d.is_file()]
+            pairs = [(graph, served)] + [
+                (d, served.with_name(served.name + ".data"))
+                for d in [graph.with_name(graph.name + ".data")]
+                if d.is_file()
+            ]
             return _install(pairs)
 
-        return [export, Step("llm", _key(export_key, "install"), [served, served.with_name(served.name + ".data")],
-                             install, deps=["llm.onnx"], heavy=False)]
+        return [
+            export,
+            Step(
+                "llm",
+                _key(export_key, "install"),
+                [served, served.with_name(served.name + ".data")],
+                install,
+                deps=["llm.onnx"],
+                heavy=False,
+            ),
+        ]
     plan = repo / LLM_ARTIFACTS / "model.plan"
     timing = cache / "llm" / "timing.cache"
-    engine = Step("llm", _key(source, "engine", serving.max_slots, serving.max_context, serving.dtype,
-                              BUILDER_VERSION), [plan, timing],
-                  lambda: _isolated(stage_llm_engine, checkpoint=str(checkpoint), graph=str(graph), plan=str(plan),
-                                    timing_cache=str(timing), max_slots=serving.max_slots,
-                                    max_context=serving.max_context, precision=_precision(serving)),
-                  deps=["llm.onnx"])
+    engine = Step(
+        "llm",
+        _key(source, "engine", serving.max_slots, serving.max_context, serving.dtype, BUILDER_VERSION),
+        [plan, timing],
+        lambda: _isolated(
+            stage_llm_engine,
+            checkpoint=str(checkpoint),
+            graph=str(graph),
+            plan=str(plan),
+            timing_cache=str(timing),
+            max_slots=serving.max_slots,
+            max_context=serving.max_context,
+            precision=_precision(serving),
+        ),
+        deps=["llm.onnx"],
+    )
     return [export, engine]
 
 
@@ -302,19 +348,35 @@ def _codec_steps(codec: Path, repo: Path, cache: Path, serving: ServingConfig, s
     graphs = cache / CODEC_CACHE
     export_key = _key(source, "onnx", BUILDER_VERSION)
     made = [graphs / "*.onnx", graphs / "*.onnx.data", graphs / "*.json", graphs / "*.npz"]
-    steps = [Step("codec.onnx", export_key, made,
-                  lambda: _isolated(stage_export_codec, codec=str(codec), out=str(graphs)))]
+    steps = [
+        Step("codec.onnx", export_key, made, lambda: _isolated(stage_export_codec, codec=str(codec), out=str(graphs)))
+    ]
     voices_key = _key(export_key, "voices", serving.cpu_threads)
-    voices = Step("codec.voices", voices_key, [graphs / VOICES_NAME],
-                  lambda: _isolated(stage_codec_voices, codec=str(codec), graphs=str(graphs),
-                                    threads=serving.cpu_threads), deps=["codec.onnx"])
+    voices = Step(
+        "codec.voices",
+        voices_key,
+        [graphs / VOICES_NAME],
+        lambda: _isolated(stage_codec_voices, codec=str(codec), graphs=str(graphs), threads=serving.cpu_threads),
+        deps=["codec.onnx"],
+    )
     served_key = export_key
     if serving.codec_backend == "tensorrt":
         served_key = _key(source, "engines", serving.model_dump(), BUILDER_VERSION)
-        steps.append(Step("codec.engines", served_key, [graphs / "*.engine"],
-                          lambda: _isolated(stage_codec_engines, codec=str(codec), out=str(graphs),
-                                            max_batch=serving.vocoder_max_batch, serving=serving.model_dump_json()),
-                          deps=["codec.onnx"]))
+        steps.append(
+            Step(
+                "codec.engines",
+                served_key,
+                [graphs / "*.engine"],
+                lambda: _isolated(
+                    stage_codec_engines,
+                    codec=str(codec),
+                    out=str(graphs),
+                    max_batch=serving.vocoder_max_batch,
+                    serving=serving.model_dump_json(),
+                ),
+                deps=["codec.onnx"],
+            )
+        )
     served_suffix = ".engine" if serving.codec_backend == "tensorrt" else ".onnx"
     targets = [repo / CODEC_ARTIFACTS_TEMPLATE.format(model=m) for m in CODEC_MODELS]
 
@@ -325,11 +387,24 @@ def _codec_steps(codec: Path, repo: Path, cache: Path, serving: ServingConfig, s
         served = [p for p in _files([graphs]) if p.suffix in keep + (".json", ".npz")]
         for t in targets:
             shutil.rmtree(t, ignore_errors=True)
-        return _install([(p, t / p.relative_to(graphs)) for m, t in zip(CODEC_MODELS, targets, strict=True)
-                         for p in _model_files(m, served, graphs)])
+        return _install(
+            [
+                (p, t / p.relative_to(graphs))
+                for m, t in zip(CODEC_MODELS, targets, strict=True)
+                for p in _model_files(m, served, graphs)
+            ]
+        )
 
-    steps.append(Step("codec", _key(served_key, voices_key, "install", served_suffix), targets, install,
-                      deps=[steps[-1].name, voices.name], heavy=False))
+    steps.append(
+        Step(
+            "codec",
+            _key(served_key, voices_key, "install", served_suffix),
+            targets,
+            install,
+            deps=[steps[-1].name, voices.name],
+            heavy=False,
+        )
+    )
     return [*steps[:-1], voices, steps[-1]]
 
 
@@ -373,9 +448,16 @@ def _glob_outputs(outputs: list[Path]) -> list[Path]:
     return _files(expanded)
 
 
-def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out: str | Path,
-                     serving: ServingConfig | None = None, progress: bool = True, force: bool = False,
-                     cache_dir: str | Path | None = None) -> dict:
+def build_repository(
+    checkpoint: str | Path,
+    codec: str | Path,
+    target: str,
+    out: str | Path,
+    serving: ServingConfig | None = None,
+    progress: bool = True,
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+) -> dict:
     """Build (or bring up to date) the model repository in `out`; returns the manifest."""
     checkpoint, codec, out = Path(checkpoint), Path(codec), Path(out)
     serving = serving or ServingConfig.for_target(target)
@@ -386,8 +468,10 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
     EncoderConfig.from_dir(codec)
     if serving.max_context > cfg.max_position_embeddings:
         if "max_context" in serving.model_fields_set:
-            raise BuildError(f"max_context {serving.max_context} exceeds the model's context "
-                             f"(max_position_embeddings {cfg.max_position_embeddings})")
+            raise BuildError(
+                f"max_context {serving.max_context} exceeds the model's context "
+                f"(max_position_embeddings {cfg.max_position_embeddings})"
+            )
         serving = serving.model_copy(update={"max_context": cfg.max_position_embeddings})
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else default_cache_dir(out)
@@ -400,11 +484,18 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
 
     sizes = sum(p.stat().st_size for root in (checkpoint, codec) for p in root.rglob("*") if p.is_file())
     with tqdm(total=sizes, unit="B", unit_scale=True, desc="hash sources", disable=not progress) as bar:
-        sources = {"checkpoint": {"path": str(checkpoint.resolve()), "sha256": hash_tree(checkpoint, hashes, bar)},
-                   "codec": {"path": str(codec.resolve()), "sha256": hash_tree(codec, hashes, bar)}}
+        sources = {
+            "checkpoint": {"path": str(checkpoint.resolve()), "sha256": hash_tree(checkpoint, hashes, bar)},
+            "codec": {"path": str(codec.resolve()), "sha256": hash_tree(codec, hashes, bar)},
+        }
 
-    steps = {s.name: s for s in (_llm_steps(checkpoint, out, cache, serving, sources["checkpoint"]["sha256"])
-                                 + _codec_steps(codec, out, cache, serving, sources["codec"]["sha256"]))}
+    steps = {
+        s.name: s
+        for s in (
+            _llm_steps(checkpoint, out, cache, serving, sources["checkpoint"]["sha256"])
+            + _codec_steps(codec, out, cache, serving, sources["codec"]["sha256"])
+        )
+    }
     done = old.get("artifacts", {})
     artifacts: dict[str, Any] = {}
     bar = tqdm(total=len(steps), desc="build artifacts", unit="step", disable=not progress)
@@ -427,9 +518,15 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
         files = describe_files(_glob_outputs(step.outputs), roots, hashes)
         if not files:
             raise BuildError(f"step {name} wrote no files")
-        artifacts[name] = {"key": step.key, "seconds": round(time.perf_counter() - t0, 2),
-                           "bytes": sum(f["bytes"] for f in files), "skipped": False, "rebuilt_because": stale,
-                           "files": files, **info}
+        artifacts[name] = {
+            "key": step.key,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "bytes": sum(f["bytes"] for f in files),
+            "skipped": False,
+            "rebuilt_because": stale,
+            "files": files,
+            **info,
+        }
         bar.update()
 
     # The served artifacts pull in the intermediates they need; an intermediate no served artifact needs is
@@ -443,19 +540,28 @@ def build_repository(checkpoint: str | Path, codec: str | Path, target: str, out
     bar.close()
 
     llm_artifact = {"onnxruntime": f"{LLM_ARTIFACTS}/model.onnx", "tensorrt": f"{LLM_ARTIFACTS}/model.plan"}.get(
-        serving.llm_runtime)
+        serving.llm_runtime
+    )
     codec_artifacts = CODEC_ARTIFACTS_TEMPLATE if serving.codec_backend != "torch" else None
     write_repository(out, serving, checkpoint, codec, llm_artifact, codec_artifacts)
     manifest = {
-        "target": target, "serving": serving.model_dump(), "sources": sources, "cache_dir": str(cache),
-        "artifacts": artifacts, "tools": tool_versions(), "models": ["speech_encoder", "llm", "vocoder", "s2s", "t2s"],
+        "target": target,
+        "serving": serving.model_dump(),
+        "sources": sources,
+        "cache_dir": str(cache),
+        "artifacts": artifacts,
+        "tools": tool_versions(),
+        "models": ["speech_encoder", "llm", "vocoder", "s2s", "t2s"],
         "hash_cache": hashes,
     }
     tmp = manifest_path.with_name(MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(manifest_path)
     if '"backend": "tensorrt-rtx"' in json.dumps(artifacts):
-        print("moss-speech build: no datacenter TensorRT here, so the engines were built with TensorRT-RTX: they prove "
-              "the graphs parse and build, but NVIDIA's Triton container cannot load them. Build the gpu target "
-              "inside that container (its tensorrt package) to serve.", file=sys.stderr)
+        print(
+            "moss-speech build: no datacenter TensorRT here, so the engines were built with TensorRT-RTX: they prove "
+            "the graphs parse and build, but NVIDIA's Triton container cannot load them. Build the gpu target "
+            "inside that container (its tensorrt package) to serve.",
+            file=sys.stderr,
+        )
     return manifest

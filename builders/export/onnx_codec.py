@@ -45,8 +45,15 @@ from moss_speech.builders.codec.graphs import (
     read_manifest,
 )
 
-__all__ = ["GRAPHS", "MANIFEST_NAME", "SPEAKER_NAME", "build_codec_engines", "codec_profiles", "export_codec_onnx",
-           "read_manifest"]
+__all__ = [
+    "GRAPHS",
+    "MANIFEST_NAME",
+    "SPEAKER_NAME",
+    "build_codec_engines",
+    "codec_profiles",
+    "export_codec_onnx",
+    "read_manifest",
+]
 OPSET = 17
 
 
@@ -186,7 +193,12 @@ def export_codec_onnx(
         start = time.perf_counter()
         export_graph(spec, path)
         infos[name] = ExportInfo(
-            name, path.name, spec.inputs, spec.outputs, spec.dtypes, path.stat().st_size,
+            name,
+            path.name,
+            spec.inputs,
+            spec.outputs,
+            spec.dtypes,
+            path.stat().st_size,
             round(time.perf_counter() - start, 3),
         )
     affine = codec.flow.spk_embed_affine_layer
@@ -244,8 +256,11 @@ def codec_profiles(
     frames = (ratio, ratio * (tokens // 2), ratio * tokens)
     return {
         "whisper_mel": {"pcm": seq(spc, opt_samples, max_samples)},
-        "speech_encoder": {"mel": seq(enc.frames_per_code, opt_samples // pre.hop_length, max_samples // pre.hop_length,
-                                      pre.feature_size)},
+        "speech_encoder": {
+            "mel": seq(
+                enc.frames_per_code, opt_samples // pre.hop_length, max_samples // pre.hop_length, pre.feature_size
+            )
+        },
         "flow_encoder": {
             "tokens": seq(1, tokens // 2, tokens),
             "lengths": ((1,), (opt_b,), (max_batch,)),
@@ -279,8 +294,13 @@ def build_codec_engines(
     artifacts_dir = Path(artifacts_dir)
     profiles = codec_profiles(codec_dir, **profile_kwargs)
     return {
-        name: build_engine(artifacts_dir / f"{name}.onnx", artifacts_dir / f"{name}{ENGINE_SUFFIX}", profiles[name],
-                           precision=precision, timing_cache=timing_cache)
+        name: build_engine(
+            artifacts_dir / f"{name}.onnx",
+            artifacts_dir / f"{name}{ENGINE_SUFFIX}",
+            profiles[name],
+            precision=precision,
+            timing_cache=timing_cache,
+        )
         for name in graphs
     }
 

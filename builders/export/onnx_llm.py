@@ -61,10 +61,19 @@ _PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # keep a margin under 2 GiB for th
 _ALIGN = 4096
 _CHUNK_BYTES = 64 * 2**20  # transposed weights are written in column blocks of about this size
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-               torch.bfloat16: onnx.TensorProto.BFLOAT16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_ONNX_TYPES = {
+    torch.float32: onnx.TensorProto.FLOAT,
+    torch.float16: onnx.TensorProto.FLOAT16,
+    torch.bfloat16: onnx.TensorProto.BFLOAT16,
+}
 
 
 @dataclass
@@ -116,16 +125,23 @@ class _WeightsAsInputs(nn.Module):
                 p[n.rpartition(".")[2]] = w
 
 
-def example_inputs(cfg: MossSpeechConfig, batch: int = 2, new: int = 3, past: int = 4,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    cfg: MossSpeechConfig, batch: int = 2, new: int = 3, past: int = 4, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
     """Distinct sizes >= 2 on every dynamic axis so no axis is specialised to a constant."""
     g = torch.Generator().manual_seed(0)
-    grid = torch.stack([torch.randint(0, min(1000, cfg.vocab_size), (batch, new), generator=g),  # any vocabulary
-                        torch.full((batch, new), cfg.audio_pad_token_id)], dim=-1)
+    grid = torch.stack(
+        [
+            torch.randint(0, min(1000, cfg.vocab_size), (batch, new), generator=g),  # any vocabulary
+            torch.full((batch, new), cfg.audio_pad_token_id),
+        ],
+        dim=-1,
+    )
     position_ids = past + torch.arange(new).expand(batch, new)
     attention_mask = torch.ones(batch, past + new, dtype=torch.long)
-    past_kv = torch.randn(cfg.num_layer_instances, 2, batch, cfg.num_key_value_heads, past, cfg.head_dim,
-                          generator=g).to(dtype)
+    past_kv = torch.randn(
+        cfg.num_layer_instances, 2, batch, cfg.num_key_value_heads, past, cfg.head_dim, generator=g
+    ).to(dtype)
     return grid, position_ids, attention_mask, past_kv
 
 
@@ -184,9 +200,17 @@ def _trace(cfg: MossSpeechConfig, dtype: torch.dtype, opset: int, raw: Path) -> 
         # The TorchScript exporter warns that it is deprecated; see the module docstring for why it is used.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module, example_inputs(cfg, dtype=dtype) + ghosts, str(raw), dynamo=False,
-                          opset_version=opset, input_names=INPUT_NAMES + list(shapes), output_names=OUTPUT_NAMES,
-                          dynamic_axes=DYNAMIC_AXES, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            example_inputs(cfg, dtype=dtype) + ghosts,
+            str(raw),
+            dynamo=False,
+            opset_version=opset,
+            input_names=INPUT_NAMES + list(shapes),
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=DYNAMIC_AXES,
+            do_constant_folding=True,
+        )
     return list(shapes)
 
 
@@ -226,7 +250,7 @@ def _write_tensor(f, t: torch.Tensor, transpose: bool) -> None:
     rows, cols = t.shape
     step = max(1, _CHUNK_BYTES // max(1, rows * t.element_size()))
     for j in range(0, cols, step):
-        f.write(t[:, j:j + step].t().contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.write(t[:, j : j + step].t().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _sha256(*paths: Path) -> str:
@@ -238,9 +262,13 @@ def _sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def export_llm_onnx(model_or_checkpoint_dir: MossSpeechForCausalLM | str | os.PathLike, out_path: str | os.PathLike,
-                    opset: int = 17, dtype: torch.dtype | str = torch.float32,
-                    external_data: bool | None = None) -> ExportInfo:
+def export_llm_onnx(
+    model_or_checkpoint_dir: MossSpeechForCausalLM | str | os.PathLike,
+    out_path: str | os.PathLike,
+    opset: int = 17,
+    dtype: torch.dtype | str = torch.float32,
+    external_data: bool | None = None,
+) -> ExportInfo:
     """Write the split LLM's step as one ONNX graph (contract and memory bound in the module docstring).
     Deterministic: the same weights give byte-identical files. A given model is read, never converted. bf16
     is accepted for completeness; onnxruntime's CPU provider has no bf16 kernels, so serve fp32/fp16 graphs
@@ -276,14 +304,20 @@ def export_llm_onnx(model_or_checkpoint_dir: MossSpeechForCausalLM | str | os.Pa
         stale.unlink(missing_ok=True)
     tmp_graph, tmp_data = out.with_name(out.name + ".partial"), data.with_name(data.name + ".partial")
     with ExitStack() as stack:
-        source = (_model_weights(model_or_checkpoint_dir, dtype) if given else
-                  stack.enter_context(_checkpoint_weights(Path(model_or_checkpoint_dir), cfg, dtype)))
+        source = (
+            _model_weights(model_or_checkpoint_dir, dtype)
+            if given
+            else stack.enter_context(_checkpoint_weights(Path(model_or_checkpoint_dir), cfg, dtype))
+        )
         f = stack.enter_context(open(tmp_data, "wb")) if external_data else None
         for name in names:  # one tensor in memory at a time
             t = source(name)
             transpose = name in folded
-            init = onnx.TensorProto(name=folded.get(name, name), data_type=_ONNX_TYPES[dtype],
-                                    dims=list(t.shape[::-1] if transpose else t.shape))
+            init = onnx.TensorProto(
+                name=folded.get(name, name),
+                data_type=_ONNX_TYPES[dtype],
+                dims=list(t.shape[::-1] if transpose else t.shape),
+            )
             if f is None:
                 buf = io.BytesIO()
                 _write_tensor(buf, t, transpose)
@@ -304,7 +338,17 @@ def export_llm_onnx(model_or_checkpoint_dir: MossSpeechForCausalLM | str | os.Pa
     tmp_graph.replace(out)
     files = [out, data] if external_data else [out]
     return ExportInfo(
-        path=str(out), data_path=str(data) if external_data else None, dtype=str(dtype).removeprefix("torch."),
-        opset=opset, num_layers=cfg.num_layer_instances, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        text_vocab=cfg.vocab_size, audio_vocab=cfg.audio_vocab_size, seconds=time.perf_counter() - t0,
-        bytes=sum(f.stat().st_size for f in files), sha256=_sha256(*files), weight_bytes=weight_bytes)
+        path=str(out),
+        data_path=str(data) if external_data else None,
+        dtype=str(dtype).removeprefix("torch."),
+        opset=opset,
+        num_layers=cfg.num_layer_instances,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        text_vocab=cfg.vocab_size,
+        audio_vocab=cfg.audio_vocab_size,
+        seconds=time.perf_counter() - t0,
+        bytes=sum(f.stat().st_size for f in files),
+        sha256=_sha256(*files),
+        weight_bytes=weight_bytes,
+    )

@@ -73,8 +73,10 @@ def import_tensorrt(prefer: str | None = None) -> tuple[ModuleType, str]:
             return trt, name
         except ImportError as e:
             errors.append(f"{name}: {e}")
-    raise TensorRTUnavailable("no TensorRT backend importable (" + "; ".join(errors) + "); install the "
-                              "`trt-rtx` extra for offline builds or use NVIDIA's Triton container")
+    raise TensorRTUnavailable(
+        "no TensorRT backend importable (" + "; ".join(errors) + "); install the "
+        "`trt-rtx` extra for offline builds or use NVIDIA's Triton container"
+    )
 
 
 def graph_float_type(onnx_path: str | os.PathLike) -> int:
@@ -117,13 +119,20 @@ def _check_profile(network, profile: Profile, index: int) -> None:
             if len(s) != len(dims) or any(d != -1 and d != v for d, v in zip(dims, s, strict=True)):
                 raise ValueError(f"profile {index} {what} shape {list(s)} of {name!r} does not fit {list(dims)}")
         if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
-            raise ValueError(f"profile {index} {name!r}: need min <= opt <= max, got {list(lo)}, {list(opt)}, "
-                             f"{list(hi)}")
+            raise ValueError(
+                f"profile {index} {name!r}: need min <= opt <= max, got {list(lo)}, {list(opt)}, {list(hi)}"
+            )
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, profiles: Profile | Sequence[Profile],
-                 precision: str = "fp16", timing_cache: str | os.PathLike | None = None,
-                 workspace_bytes: int | None = None, backend: str | None = None) -> EngineInfo:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    profiles: Profile | Sequence[Profile],
+    precision: str = "fp16",
+    timing_cache: str | os.PathLike | None = None,
+    workspace_bytes: int | None = None,
+    backend: str | None = None,
+) -> EngineInfo:
     """Parse `onnx_path` (external data beside it is found), add one optimization profile per dict, build and
     write the serialized engine. Raises ValueError on bad profiles/precision, RuntimeError with the parser's or
     builder's messages when TensorRT refuses the graph."""
@@ -142,9 +151,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         flag = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
         if graph_type != onnx.TensorProto.FLOAT or flag is None or not hasattr(trt.BuilderFlag, flag):
             have = onnx.TensorProto.DataType.Name(graph_type)
-            raise ValueError(f"{onnx_path} has {have} weights and {name} cannot build it as {precision} (no "
-                             f"precision flag for that); export the graph in {precision} or build with the "
-                             f"graph's own precision")
+            raise ValueError(
+                f"{onnx_path} has {have} weights and {name} cannot build it as {precision} (no "
+                f"precision flag for that); export the graph in {precision} or build with the "
+                f"graph's own precision"
+            )
         flags.append(flag)
 
     logger = _make_logger(trt)
@@ -183,11 +194,18 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
     return EngineInfo(
-        path=str(out), backend=name, version=trt.__version__,
-        precision=precision, strongly_typed=strongly_typed, flags=flags,
+        path=str(out),
+        backend=name,
+        version=trt.__version__,
+        precision=precision,
+        strongly_typed=strongly_typed,
+        flags=flags,
         profiles=[{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
-        seconds=time.perf_counter() - t0, bytes=out.stat().st_size,
-        timing_cache=str(cache_path) if cache_path else None, warnings=_msgs(logger))
+        seconds=time.perf_counter() - t0,
+        bytes=out.stat().st_size,
+        timing_cache=str(cache_path) if cache_path else None,
+        warnings=_msgs(logger),
+    )
 
 
 def _build_to_file(trt: ModuleType, builder, network, config, out: Path) -> bool:
@@ -196,6 +214,7 @@ def _build_to_file(trt: ModuleType, builder, network, config, out: Path) -> bool
     the parsed weights and the builder's own."""
     tmp = out.with_name(out.name + ".partial")
     if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+
         class FileWriter(trt.IStreamWriter):
             def __init__(self, f):
                 trt.IStreamWriter.__init__(self)
@@ -223,16 +242,23 @@ def _msgs(logger) -> list[str]:
     return [str(m) for _, m in logger.messages]
 
 
-def llm_profiles(config: MossSpeechConfig, max_batch: int, max_context: int, opt_batch: int | None = None,
-                 opt_context: int | None = None, max_prefill_batch: int = 1) -> list[dict[str, tuple]]:
+def llm_profiles(
+    config: MossSpeechConfig,
+    max_batch: int,
+    max_context: int,
+    opt_batch: int | None = None,
+    opt_context: int | None = None,
+    max_prefill_batch: int = 1,
+) -> list[dict[str, tuple]]:
     """Profiles of the LLM graph (`builders.export.onnx_llm`): index 0 = decode (one new token per row,
     batches up to `max_batch`, past up to `max_context - 1`), index 1 = prefill (up to `max_context` new
     tokens on an empty past). TensorRT checks that each of the min/opt/max points is a consistent set of
     shapes (mask = past + new), so a chunked prefill (past > 0 and new > 1) would need a third profile.
     Past + new never exceeds `max_context`: the runtime checks that before running."""
     if not 1 <= max_context <= config.max_position_embeddings:
-        raise ValueError(f"max_context {max_context} must be in [1, {config.max_position_embeddings}] "
-                         f"(the model's context)")
+        raise ValueError(
+            f"max_context {max_context} must be in [1, {config.max_position_embeddings}] (the model's context)"
+        )
     layers, kv, d = config.num_layer_instances, config.num_key_value_heads, config.head_dim
     ob = min(opt_batch or max_batch, max_batch)
     oc = min(opt_context or max(1, max_context // 4), max_context)

@@ -77,9 +77,18 @@ def check_keys(expected: dict[str, torch.Size], path: Path, weight_map: dict[str
 
 
 # safetensors dtype names -> torch dtypes (the ones checkpoints of this model use)
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def safetensors_header(f) -> tuple[dict, int]:
@@ -113,8 +122,9 @@ def read_tensor(f, entry: dict, data_start: int, dtype: torch.dtype | None = Non
     return t if dtype is None or dtype == stored else t.to(dtype)
 
 
-def iter_tensors(path: Path, weight_map: dict[str, str], dtype: torch.dtype,
-                 device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: Path, weight_map: dict[str, str], dtype: torch.dtype, device: str | torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor in `dtype` on `device`), one at a time: the caller holds at most one unconverted tensor."""
     files: dict[str, list[str]] = {}
     for key, file in weight_map.items():
@@ -141,8 +151,12 @@ def skip_weight_init():
             setattr(torch.nn.init, n, fn)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               config: MossSpeechConfig | None = None) -> MossSpeechForCausalLM:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: MossSpeechConfig | None = None,
+) -> MossSpeechForCausalLM:
     path = Path(path)
     cfg = config or MossSpeechConfig.from_dir(path)
     with torch.device("meta"), skip_weight_init():
@@ -159,8 +173,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model.eval()
 
 
-def save_checkpoint(model: MossSpeechForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30,
-                    dtype: torch.dtype = torch.bfloat16) -> list[str]:
+def save_checkpoint(
+    model: MossSpeechForCausalLM,
+    path: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[str]:
     """Write config.json, bf16 shards and the index. Returns the shard file names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -203,8 +221,9 @@ def init_random(model: MossSpeechForCausalLM, seed: int, std: float | None = Non
 
 
 @torch.no_grad()
-def steer_to_stop(model: MossSpeechForCausalLM, end_id: int, eosp_id: int, dim: int = 0,
-                  level: float = 1024.0, weight: float = 64.0) -> MossSpeechForCausalLM:
+def steer_to_stop(
+    model: MossSpeechForCausalLM, end_id: int, eosp_id: int, dim: int = 0, level: float = 1024.0, weight: float = 64.0
+) -> MossSpeechForCausalLM:
     """Make a random tiny model end its answers deterministically (test models only; nothing is trained).
 
     Residual dimension `dim` is `level` at every position: every embedding row holds it and no layer writes it
@@ -230,8 +249,9 @@ def steer_to_stop(model: MossSpeechForCausalLM, end_id: int, eosp_id: int, dim: 
 SMALL_FIRST_SPECIAL_ID = 256  # small-vocabulary tiny tokenizer: the special tokens right after the byte tokens
 
 
-def write_tiny_checkpoint(out: str | Path, seed: int = 0, max_shard_bytes: int = 16 * 2**20,
-                          small_vocab: bool = False, **config_overrides) -> MossSpeechConfig:
+def write_tiny_checkpoint(
+    out: str | Path, seed: int = 0, max_shard_bytes: int = 16 * 2**20, small_vocab: bool = False, **config_overrides
+) -> MossSpeechConfig:
     """A seeded random checkpoint in the real layout (config, shards, index, tokenizer files, generation config).
 
     `small_vocab=False`: the real 151,680-wide text vocabulary with every special token at its real id.
@@ -251,21 +271,36 @@ def write_tiny_checkpoint(out: str | Path, seed: int = 0, max_shard_bytes: int =
     tid = tok.token_to_id
     fields: dict = {}
     if small_vocab:
-        fields = dict(vocab_size=(tok.get_vocab_size() + 7) // 8 * 8, bos_token_id=tid("<|endoftext|>"),
-                      eos_token_id=tid("<|im_end|>"), sosp_token_id=tid(SOSP_TOKEN),
-                      modality_pad_token_id=tid(MODALITY_PAD_TOKEN))
+        fields = dict(
+            vocab_size=(tok.get_vocab_size() + 7) // 8 * 8,
+            bos_token_id=tid("<|endoftext|>"),
+            eos_token_id=tid("<|im_end|>"),
+            sosp_token_id=tid(SOSP_TOKEN),
+            modality_pad_token_id=tid(MODALITY_PAD_TOKEN),
+        )
     cfg = tiny_config(**(fields | config_overrides))
     # A larger std than initializer_range gives peaked logits, so the tiny model's choices are not ties.
     model = init_random(MossSpeechForCausalLM(cfg), seed, std=0.5)
     save_checkpoint(model, out, max_shard_bytes=max_shard_bytes)
-    write_generation_config(out, cfg, stop_ids=[tid("<|endoftext|>"), tid("<|im_end|>")],
-                            pad_id=tid("<|endoftext|>"))
+    write_generation_config(out, cfg, stop_ids=[tid("<|endoftext|>"), tid("<|im_end|>")], pad_id=tid("<|endoftext|>"))
     return cfg
 
 
 def write_generation_config(out: str | Path, cfg: MossSpeechConfig, stop_ids: list[int], pad_id: int) -> None:
     """generation_config.json as Qwen3 checkpoints ship it (reference demo sampling defaults)."""
-    (Path(out) / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": stop_ids, "pad_token_id": pad_id, "do_sample": True,
-        "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1,
-    }, indent=2) + "\n")
+    (Path(out) / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": stop_ids,
+                "pad_token_id": pad_id,
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_p": 0.95,
+                "top_k": 20,
+                "repetition_penalty": 1.1,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -125,7 +125,7 @@ class SequenceState:
         """Pick this step's row from the last-position logits of both heads (1-D each)."""
         tok, p = self.tokens, self.params
         text_logits, audio_logits = text_logits.float(), audio_logits.float().clone()
-        audio_logits[tok.audio_code_limit:] = float("-inf")
+        audio_logits[tok.audio_code_limit :] = float("-inf")
         if self.step < p.min_new_tokens:
             audio_logits[tok.eosp_id] = float("-inf")
         if self.text_seen is not None:
@@ -173,12 +173,15 @@ class ContextLengthError(ValueError):
 
 def check_context(prompt_len: int, limit: int, what: str = "the model's context") -> None:
     if prompt_len >= limit:
-        raise ContextLengthError(f"prompt of {prompt_len} tokens does not fit {what} of {limit} tokens "
-                                 f"(at least one token must be generated)")
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens does not fit {what} of {limit} tokens "
+            f"(at least one token must be generated)"
+        )
 
 
-def left_pad(prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig,
-             tokens: SpecialTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig, tokens: SpecialTokens | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, L, 2] grid padded on the left (text pad, audio pad) and the [B, L] attention mask."""
     tokens = tokens or SpecialTokens.from_config(cfg)
     length = max(p.shape[0] for p in prompts)
@@ -186,15 +189,18 @@ def left_pad(prompts: Sequence[torch.Tensor], cfg: MossSpeechConfig,
     grid[..., 0], grid[..., 1] = tokens.text_pad_id, tokens.audio_pad_id
     mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for i, p in enumerate(prompts):
-        grid[i, length - p.shape[0]:] = p
-        mask[i, length - p.shape[0]:] = 1
+        grid[i, length - p.shape[0] :] = p
+        mask[i, length - p.shape[0] :] = 1
     return grid, mask
 
 
 @torch.no_grad()
-def stream_generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor],
-                    params: SamplingParams | Sequence[SamplingParams],
-                    tokens: SpecialTokens | None = None) -> Iterator[list[Step | None]]:
+def stream_generate(
+    model: MossSpeechForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    params: SamplingParams | Sequence[SamplingParams],
+    tokens: SpecialTokens | None = None,
+) -> Iterator[list[Step | None]]:
     """Generate for a batch of prompt grids; yields one list per step with each sequence's new `Step`
     (None once that sequence has finished). Left padding, per-sequence positions and one static KV cache.
     `tokens`: the checkpoint's ids (`SpecialTokens.from_dir`); None reads them from config.json alone."""
@@ -209,8 +215,15 @@ def stream_generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     steps = min(limit - grid.shape[1], max(s.params.max_new_tokens for s in states))
-    cache = StaticKVCache(cfg.num_layer_instances, len(states), cfg.num_key_value_heads,
-                          grid.shape[1] + steps, cfg.head_dim, dtype, device)
+    cache = StaticKVCache(
+        cfg.num_layer_instances,
+        len(states),
+        cfg.num_key_value_heads,
+        grid.shape[1] + steps,
+        cfg.head_dim,
+        dtype,
+        device,
+    )
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs, mask = grid.to(device), mask.to(device)
     for _ in range(steps):
@@ -233,17 +246,24 @@ def stream_generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor
         mask = torch.cat([mask, torch.ones(len(states), 1, dtype=mask.dtype, device=device)], dim=1)
 
 
-def generate(model: MossSpeechForCausalLM, prompts: Sequence[torch.Tensor],
-             params: SamplingParams | Sequence[SamplingParams],
-             tokens: SpecialTokens | None = None) -> list[GenerationResult]:
+def generate(
+    model: MossSpeechForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    params: SamplingParams | Sequence[SamplingParams],
+    tokens: SpecialTokens | None = None,
+) -> list[GenerationResult]:
     per_seq: list[list[Step]] = [[] for _ in prompts]
     for out in stream_generate(model, prompts, params, tokens):
         for i, step in enumerate(out):
             if step is not None:
                 per_seq[i].append(step)
     return [
-        GenerationResult(torch.tensor([[s.text_token, s.audio_token] for s in steps], dtype=torch.long),
-                         steps, steps[-1].stop_reason or "max_new_tokens", int(p.shape[0]),
-                         model.config.eosp_token_id)
+        GenerationResult(
+            torch.tensor([[s.text_token, s.audio_token] for s in steps], dtype=torch.long),
+            steps,
+            steps[-1].stop_reason or "max_new_tokens",
+            int(p.shape[0]),
+            model.config.eosp_token_id,
+        )
         for p, steps in zip(prompts, per_seq, strict=True)
     ]

@@ -68,8 +68,16 @@ class StaticKVCache:
     so nothing is reallocated or concatenated per step.
     """
 
-    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.buffer = torch.zeros(num_layers, 2, slots, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len = max_len

@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin [B, T, head_dim] for the given positions; inverse frequencies in fp32 as the reference."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
-                                .float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    )
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -128,8 +129,9 @@ class MossSpeechModel(nn.Module):
         self.audio_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def causal_mask(offsets: torch.Tensor, new_tokens: int, key_len: int, attention_mask: torch.Tensor | None,
-                dtype: torch.dtype) -> torch.Tensor:
+def causal_mask(
+    offsets: torch.Tensor, new_tokens: int, key_len: int, attention_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask [B, 1, T, S]: query t of row b sees key slot j iff j <= offsets[b] + t and the key is
     not padding. A large negative value (not -inf) keeps fully masked pad rows finite."""
     q = offsets[:, None] + torch.arange(new_tokens, device=offsets.device)  # [B, T]
@@ -162,9 +164,14 @@ class MossSpeechForCausalLM(nn.Module):
         e_audio = self.model.audio_embed(audio.clamp(0, self.config.audio_vocab_size - 1))
         return torch.where(is_audio[..., None], e_audio, e_text)
 
-    def forward(self, grid: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        grid: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """grid [B, T, 2] (or [B, 2, T]) of (text, audio) ids -> (text_logits, audio_logits), each
         [B, T, V] or [B, V] with `last_only`. `attention_mask` [B, S] covers every key slot the step reads
         (past + new); `position_ids` default to the cache offsets."""
@@ -172,8 +179,9 @@ class MossSpeechForCausalLM(nn.Module):
             grid = grid.transpose(1, 2)
         b, t, _ = grid.shape
         x = self.embed(grid)
-        offsets = (cache.offsets(b, grid.device) if cache is not None
-                   else torch.zeros(b, dtype=torch.long, device=grid.device))
+        offsets = (
+            cache.offsets(b, grid.device) if cache is not None else torch.zeros(b, dtype=torch.long, device=grid.device)
+        )
         if position_ids is None:
             position_ids = offsets[:, None] + torch.arange(t, device=grid.device)
         key_len = t + (int(offsets.max()) if b else 0)
@@ -187,16 +195,18 @@ class MossSpeechForCausalLM(nn.Module):
             text_h, audio_h = text_h[:, -1], audio_h[:, -1]
         return self.text_lm_head(text_h), self.audio_lm_head(audio_h)
 
-    def trunk_and_tails(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                        cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk_and_tails(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The split model's body, shared by `forward` and `step`: embedded rows -> normed (text, audio) states."""
         h = self.model.shared_block(x, cos, sin, mask, cache)  # no final norm: raw residual feeds both tails
         text_h = self.model.text_norm(self.model.text_block(h, cos, sin, mask, cache))
         audio_h = self.model.audio_norm(self.model.audio_block(h, cos, sin, mask, cache))
         return text_h, audio_h
 
-    def step(self, grid: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-             past_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(
+        self, grid: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, past_kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exportable step (the ONNX/TensorRT graph is exactly this; contract in builders/export/onnx_llm.py).
 
         grid [B, T, 2], explicit positions [B, T], mask [B, P + T] and the stacked past [L, 2, B, kv, P, D] ->

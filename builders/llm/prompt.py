@@ -54,8 +54,9 @@ class PromptBuilder:
         self.tokens = tokens or SpecialTokens.from_parts(config, tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, config: MossSpeechConfig | None = None,
-                 tokens: SpecialTokens | None = None) -> PromptBuilder:
+    def from_dir(
+        cls, path: str | Path, config: MossSpeechConfig | None = None, tokens: SpecialTokens | None = None
+    ) -> PromptBuilder:
         tokenizer = load_tokenizer(path)
         config = config or MossSpeechConfig.from_dir(path)
         return cls(tokenizer, config, tokens or SpecialTokens.from_dir(path, config, tokenizer))
@@ -91,8 +92,13 @@ class PromptBuilder:
             rows = torch.cat([rows, self.text_rows([self.tokens.sosp_id])])
         return rows
 
-    def build(self, turns: Sequence[Turn], output: Modality, system_prompt: str | None = None,
-              reference_system_order: bool = True) -> torch.Tensor:
+    def build(
+        self,
+        turns: Sequence[Turn],
+        output: Modality,
+        system_prompt: str | None = None,
+        reference_system_order: bool = True,
+    ) -> torch.Tensor:
         """Prompt grid [L, 2] for `turns` followed by the reply prefix.
 
         With no system turn and no `system_prompt`, the default system prompt for `output` is used; the
@@ -111,8 +117,9 @@ class PromptBuilder:
         parts = [self.turn_rows(t) for t in turns] + [self.reply_prefix(output)]
         return torch.cat(parts)
 
-    def continue_conversation(self, history: torch.Tensor | None, turn: Turn, output: Modality,
-                              system_prompt: str | None = None) -> torch.Tensor:
+    def continue_conversation(
+        self, history: torch.Tensor | None, turn: Turn, output: Modality, system_prompt: str | None = None
+    ) -> torch.Tensor:
         """Prompt for one more turn after `history` (rows of earlier exchanges, see `exchange_rows`).
 
         Same rules as `build`: an explicit system prompt goes first, otherwise the default one is appended after

@@ -19,11 +19,34 @@ TOKENIZER_FILE = "tokenizer.json"
 # and the 25th (151667) the modality pad; the last two are the MOSS additions the reference text decoder maps to
 # "." / ":" (their ids in the real tokenizer are not public; the code never relies on them).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
-    "</tool_response>", "<think>", "</think>", "<|empty|>", "<|end_empty|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+    "<|empty|>",
+    "<|end_empty|>",
 ]
 SOSP_TOKEN, MODALITY_PAD_TOKEN = "<|object_ref_start|>", "<think>"
 QWEN_FIRST_SPECIAL_ID = 151643  # the real layout's first added id: what the tiny writer reproduces
@@ -38,10 +61,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def write_tokenizer_config(path: Path, model_max_length: int = 40960) -> None:
     """tokenizer_config.json as Qwen ships it: eos and pad named by their text (ids come from tokenizer.json)."""
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "model_max_length": model_max_length,
-    }, indent=2) + "\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": model_max_length,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_ID) -> Tokenizer:
@@ -59,8 +90,15 @@ def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_
     tok.decoder = decoders.ByteLevel()
     data = json.loads(tok.to_str())
     data["added_tokens"] = [
-        {"id": first_special_id + i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": first_special_id + i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i, c in enumerate(SPECIAL_TOKENS)
     ]
     (path / TOKENIZER_FILE).write_text(json.dumps(data, ensure_ascii=False))

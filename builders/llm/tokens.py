@@ -64,8 +64,9 @@ class SpecialTokens:
 
     # --- construction --------------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path, config: MossSpeechConfig | None = None,
-                 tokenizer: TokenLookup | None = None) -> SpecialTokens:
+    def from_dir(
+        cls, path: str | Path, config: MossSpeechConfig | None = None, tokenizer: TokenLookup | None = None
+    ) -> SpecialTokens:
         """All ids of the checkpoint at `path` (config.json, generation_config.json, tokenizer.json)."""
         path = Path(path)
         config = config or MossSpeechConfig.from_dir(path)
@@ -85,8 +86,9 @@ class SpecialTokens:
         return cls.from_parts(config, tokenizer, gen)
 
     @classmethod
-    def from_parts(cls, config: MossSpeechConfig, tokenizer: TokenLookup,
-                   generation_config: dict[str, Any] | None = None) -> SpecialTokens:
+    def from_parts(
+        cls, config: MossSpeechConfig, tokenizer: TokenLookup, generation_config: dict[str, Any] | None = None
+    ) -> SpecialTokens:
         gen = generation_config or {}
 
         def marker(token: str) -> int:
@@ -112,8 +114,13 @@ class SpecialTokens:
 
     @classmethod
     def _checked(cls, config: MossSpeechConfig, **ids: Any) -> SpecialTokens:
-        tokens = cls(sosp_id=config.sosp_token_id, modality_pad_id=config.modality_pad_token_id,
-                     eosp_id=config.eosp_token_id, audio_pad_id=config.audio_pad_token_id, **ids)
+        tokens = cls(
+            sosp_id=config.sosp_token_id,
+            modality_pad_id=config.modality_pad_token_id,
+            eosp_id=config.eosp_token_id,
+            audio_pad_id=config.audio_pad_token_id,
+            **ids,
+        )
         tokens.validate(config)
         return tokens
 
@@ -121,8 +128,12 @@ class SpecialTokens:
         """Clear errors for ids that cannot work with this model (the message names the id)."""
         if not self.stop_ids:
             raise ConfigError("no stop token: generation_config.json / config.json give no eos_token_id")
-        text = {"stop id": self.stop_ids, "text pad": (self.text_pad_id,), "<|im_start|>": (self.im_start_id,),
-                "<|im_end|>": (self.im_end_id,)}
+        text = {
+            "stop id": self.stop_ids,
+            "text pad": (self.text_pad_id,),
+            "<|im_start|>": (self.im_start_id,),
+            "<|im_end|>": (self.im_end_id,),
+        }
         for name, ids in text.items():
             for i in ids:
                 if i is not None and not 0 <= i < config.vocab_size:

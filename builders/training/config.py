@@ -27,8 +27,17 @@ GROUPS: dict[str, str] = {
 }
 TEXT_GROUPS = ("embed_tokens", "shared_block", "text_block", "text_norm", "text_lm_head")
 AUDIO_GROUPS = ("audio_embed", "audio_block", "audio_norm", "audio_lm_head")
-Group = Literal["embed_tokens", "audio_embed", "shared_block", "text_block", "audio_block", "text_norm",
-                "audio_norm", "text_lm_head", "audio_lm_head"]
+Group = Literal[
+    "embed_tokens",
+    "audio_embed",
+    "shared_block",
+    "text_block",
+    "audio_block",
+    "text_norm",
+    "audio_norm",
+    "text_lm_head",
+    "audio_lm_head",
+]
 Dtype = Literal["float32", "bfloat16"]
 
 
@@ -73,17 +82,35 @@ class SourceConfig(BaseModel):
     path: Path
 
 
-def default_stages(audio_lr: float = 1e-3, text_lr: float = 1e-4, steps: tuple[int, int] = (1000, 1000),
-                   speech: str = "speech", text: str = "text") -> list[StageConfig]:
+def default_stages(
+    audio_lr: float = 1e-3,
+    text_lr: float = 1e-4,
+    steps: tuple[int, int] = (1000, 1000),
+    speech: str = "speech",
+    text: str = "text",
+) -> list[StageConfig]:
     """The default recipe: 'frozen' (text path frozen, speech parts learn), then 'joint' (speech parts keep
     learning, the shared trunk and text tail thaw at a 10x lower rate, text-only data mixed in)."""
     return [
-        StageConfig(name="frozen", steps=steps[0], train={g: audio_lr for g in AUDIO_GROUPS},
-                    data={speech: 1.0}, warmup_steps=steps[0] // 20),
-        StageConfig(name="joint", steps=steps[1],
-                    train={**{g: audio_lr for g in AUDIO_GROUPS},
-                           "shared_block": text_lr, "text_block": text_lr, "text_norm": text_lr},
-                    data={speech: 1.0, text: 0.5}, warmup_steps=steps[1] // 20),
+        StageConfig(
+            name="frozen",
+            steps=steps[0],
+            train={g: audio_lr for g in AUDIO_GROUPS},
+            data={speech: 1.0},
+            warmup_steps=steps[0] // 20,
+        ),
+        StageConfig(
+            name="joint",
+            steps=steps[1],
+            train={
+                **{g: audio_lr for g in AUDIO_GROUPS},
+                "shared_block": text_lr,
+                "text_block": text_lr,
+                "text_norm": text_lr,
+            },
+            data={speech: 1.0, text: 0.5},
+            warmup_steps=steps[1] // 20,
+        ),
     ]
 
 
@@ -109,8 +136,9 @@ class TrainConfig(BaseModel):
         for stage in self.stages:
             unknown = sorted(set(stage.data) - set(self.data))
             if unknown:
-                raise ValueError(f"stage {stage.name} uses undefined data sources {unknown}; defined: "
-                                 f"{sorted(self.data)}")
+                raise ValueError(
+                    f"stage {stage.name} uses undefined data sources {unknown}; defined: {sorted(self.data)}"
+                )
         return self
 
     @classmethod

@@ -43,7 +43,7 @@ class Sample:
         n = self.grid.shape[0]
         text_t = torch.full((n,), IGNORE, dtype=torch.long)
         audio_t = torch.full((n,), IGNORE, dtype=torch.long)
-        nxt = self.grid[self.answer_start:self.answer_end + 1]  # target rows
+        nxt = self.grid[self.answer_start : self.answer_end + 1]  # target rows
         is_audio = nxt[:, 0] == modality_pad
         src = slice(self.answer_start - 1, self.answer_end)  # rows that predict them
         text_t[src] = torch.where(is_audio, IGNORE, nxt[:, 0])
@@ -51,8 +51,13 @@ class Sample:
         return text_t, audio_t
 
 
-def make_sample(builder: PromptBuilder, turns: Sequence[Turn], answer_text: str | None = None,
-                answer_codes: Sequence[int] | None = None, system_prompt: str | None = None) -> Sample:
+def make_sample(
+    builder: PromptBuilder,
+    turns: Sequence[Turn],
+    answer_text: str | None = None,
+    answer_codes: Sequence[int] | None = None,
+    system_prompt: str | None = None,
+) -> Sample:
     """A conversation (`turns`, user and earlier turns) plus the assistant answer to learn, as text or codes."""
     if (answer_text is None) == (answer_codes is None):
         raise ValueError("give exactly one of answer_text, answer_codes")
@@ -111,18 +116,22 @@ def pack(samples: Sequence[Sample], seq_len: int, modality_pad: int, pad_row: tu
         at_row = 0
         for i, s in enumerate(seq):
             n = s.grid.shape[0]
-            grid[at_row:at_row + n] = s.grid
-            pos[at_row:at_row + n] = torch.arange(n)
-            doc[at_row:at_row + n] = i
-            tt[at_row:at_row + n], at[at_row:at_row + n] = s.targets(modality_pad)
+            grid[at_row : at_row + n] = s.grid
+            pos[at_row : at_row + n] = torch.arange(n)
+            doc[at_row : at_row + n] = i
+            tt[at_row : at_row + n], at[at_row : at_row + n] = s.targets(modality_pad)
             at_row += n
         out.append(Batch(grid[None], pos[None], doc[None], tt[None], at[None]))
     return out
 
 
 def collate(items: Sequence[Batch]) -> Batch:
-    return Batch(*(torch.cat([getattr(b, f) for b in items]) for f in
-                   ("grid", "positions", "doc", "text_targets", "audio_targets")))
+    return Batch(
+        *(
+            torch.cat([getattr(b, f) for b in items])
+            for f in ("grid", "positions", "doc", "text_targets", "audio_targets")
+        )
+    )
 
 
 def epoch_samples(sources: dict[str, list[Sample]], weights: dict[str, float], seed: int, epoch: int) -> list[Sample]:
@@ -144,8 +153,16 @@ class BatchStream:
     (a short last batch is dropped; batches never straddle epochs). `batch(step)` is a pure function of step,
     which is what makes resuming exact."""
 
-    def __init__(self, sources: dict[str, list[Sample]], weights: dict[str, float], seed: int, batch_size: int,
-                 seq_len: int, modality_pad: int, pad_row: tuple[int, int]):
+    def __init__(
+        self,
+        sources: dict[str, list[Sample]],
+        weights: dict[str, float],
+        seed: int,
+        batch_size: int,
+        seq_len: int,
+        modality_pad: int,
+        pad_row: tuple[int, int],
+    ):
         self.sources, self.weights, self.seed = sources, weights, seed
         self.batch_size, self.seq_len, self.modality_pad, self.pad_row = batch_size, seq_len, modality_pad, pad_row
         self._counts: list[int] = []  # batches per epoch, filled as epochs are packed
@@ -171,15 +188,17 @@ class BatchStream:
             first += self._count(e)
             e += 1
         i = step - first
-        return collate(self._packed(e)[i * self.batch_size:(i + 1) * self.batch_size])
+        return collate(self._packed(e)[i * self.batch_size : (i + 1) * self.batch_size])
 
 
-def load_jsonl(path: Path, builder: PromptBuilder, encode_audio: Callable[[Path], Sequence[int]] | None = None
-               ) -> list[Sample]:
+def load_jsonl(
+    path: Path, builder: PromptBuilder, encode_audio: Callable[[Path], Sequence[int]] | None = None
+) -> list[Sample]:
     """Samples from a JSONL file, one conversation a line:
     {"turns": [{"role": "user", "text": "..."} | {"role": "user", "codes": [..]} | {"role": "user", "audio": "q.wav"}],
      "answer": {"text": "..."} | {"codes": [..]} | {"audio": "a.wav"}, "system": "optional system prompt"}
     Audio paths are relative to the JSONL file and encoded to codes with `encode_audio` (the speech encoder)."""
+
     def codes_of(item: dict, where: str) -> Sequence[int] | None:
         if "audio" in item:
             if encode_audio is None:
@@ -196,8 +215,15 @@ def load_jsonl(path: Path, builder: PromptBuilder, encode_audio: Callable[[Path]
             row = json.loads(line)
             turns = [Turn(t["role"], text=t.get("text"), codes=codes_of(t, where)) for t in row["turns"]]
             ans = row["answer"]
-            samples.append(make_sample(builder, turns, answer_text=ans.get("text"),
-                                       answer_codes=codes_of(ans, where), system_prompt=row.get("system")))
+            samples.append(
+                make_sample(
+                    builder,
+                    turns,
+                    answer_text=ans.get("text"),
+                    answer_codes=codes_of(ans, where),
+                    system_prompt=row.get("system"),
+                )
+            )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: bad sample ({e})") from e
     if not samples:

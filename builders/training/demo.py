@@ -38,8 +38,24 @@ from moss_speech.builders.training.data import Sample, make_sample
 from moss_speech.builders.training.freeze import checksums
 from moss_speech.builders.training.trainer import Trainer
 
-PEOPLE = ["anna", "bruno", "carla", "dmitri", "elena", "felix", "greta", "hugo", "irene", "jonas", "kevin",
-          "lara", "marco", "nina", "oscar", "paula"]
+PEOPLE = [
+    "anna",
+    "bruno",
+    "carla",
+    "dmitri",
+    "elena",
+    "felix",
+    "greta",
+    "hugo",
+    "irene",
+    "jonas",
+    "kevin",
+    "lara",
+    "marco",
+    "nina",
+    "oscar",
+    "paula",
+]
 RELATIONS = {
     "color": ["red", "green", "blue", "yellow", "purple", "orange"],
     "city": ["paris", "london", "tokyo", "cairo", "lima", "oslo"],
@@ -81,11 +97,29 @@ def write_word_tokenizer(path: Path) -> Tokenizer:
     data = json.loads(tok.to_str())
     first = len(vocab)
     added = ["\n", *SPECIAL_TOKENS]
-    data["added_tokens"] = [{"id": vocab["\n"], "content": "\n", "single_word": False, "lstrip": False,
-                             "rstrip": False, "normalized": False, "special": False}]
-    data["added_tokens"] += [{"id": first + i, "content": c, "single_word": False, "lstrip": False,
-                              "rstrip": False, "normalized": False, "special": True}
-                             for i, c in enumerate(added[1:])]
+    data["added_tokens"] = [
+        {
+            "id": vocab["\n"],
+            "content": "\n",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": False,
+        }
+    ]
+    data["added_tokens"] += [
+        {
+            "id": first + i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, c in enumerate(added[1:])
+    ]
     data["model"]["vocab"].update({c: first + i for i, c in enumerate(added[1:])})
     path.mkdir(parents=True, exist_ok=True)
     (path / TOKENIZER_FILE).write_text(json.dumps(data))
@@ -99,10 +133,21 @@ def toy_config(tok: Tokenizer) -> MossSpeechConfig:
     sid = tok.token_to_id
     vocab = (tok.get_vocab_size() + 7) // 8 * 8
     return MossSpeechConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, num_shared_layers=3, num_modality_layers=1, num_hidden_layers=4, max_window_layers=4,
-        max_position_embeddings=512, bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>"),
-        sosp_token_id=sid("<|object_ref_start|>"), modality_pad_token_id=sid("<think>"),
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=192,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_shared_layers=3,
+        num_modality_layers=1,
+        num_hidden_layers=4,
+        max_window_layers=4,
+        max_position_embeddings=512,
+        bos_token_id=sid("<|endoftext|>"),
+        eos_token_id=sid("<|im_end|>"),
+        sosp_token_id=sid("<|object_ref_start|>"),
+        modality_pad_token_id=sid("<think>"),
     )
 
 
@@ -115,8 +160,12 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> tuple[PromptBuilder, Mos
     model = init_random(MossSpeechForCausalLM(cfg), seed)
     save_checkpoint(model, path, dtype=torch.float32)
     write_tokenizer_config(path, cfg.max_position_embeddings)
-    write_generation_config(path, cfg, stop_ids=[tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")],
-                            pad_id=tok.token_to_id("<|endoftext|>"))
+    write_generation_config(
+        path,
+        cfg,
+        stop_ids=[tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")],
+        pad_id=tok.token_to_id("<|endoftext|>"),
+    )
     return PromptBuilder(tok, cfg, SpecialTokens.from_dir(path, cfg, tok)), model
 
 
@@ -133,8 +182,11 @@ class Speaker:
     def codes(self, text: str, voice: tuple[int, int]) -> list[int]:
         key = (text, voice)
         if key not in self.cache:
-            wav = subprocess.run(["espeak-ng", "--stdout", "-s", str(voice[0]), "-p", str(voice[1]), text],
-                                 capture_output=True, check=True).stdout
+            wav = subprocess.run(
+                ["espeak-ng", "--stdout", "-s", str(voice[0]), "-p", str(voice[1]), text],
+                capture_output=True,
+                check=True,
+            ).stdout
             audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
             self.cache[key] = [int(c) for c in self.codec.encode(audio, sr)]
         return self.cache[key]
@@ -148,17 +200,22 @@ def build_data(builder: PromptBuilder, speaker: Speaker, facts, held) -> dict[st
         if (p, r) in held:
             continue
         for voice in TRAIN_VOICES:  # s2t: spoken question -> text answer
-            speech.append(make_sample(builder, [Turn("user", codes=speaker.codes(question(p, r), voice))],
-                                      answer_text=v))
+            speech.append(
+                make_sample(builder, [Turn("user", codes=speaker.codes(question(p, r), voice))], answer_text=v)
+            )
         # t2s: text question -> spoken answer (trains the audio tail; one voice)
-        speech.append(make_sample(builder, [Turn("user", text=question(p, r))],
-                                  answer_codes=speaker.codes(v, TRAIN_VOICES[1])))
+        speech.append(
+            make_sample(builder, [Turn("user", text=question(p, r))], answer_codes=speaker.codes(v, TRAIN_VOICES[1]))
+        )
     # "repeat": single spoken words -> the word in text (alignment data, no facts in it)
     words = PEOPLE + list(RELATIONS) + [v for vals in RELATIONS.values() for v in vals]
     for w in words:
         for voice in TRAIN_VOICES:
-            speech.append(make_sample(builder, [Turn("user", codes=speaker.codes(w, voice))], answer_text=w,
-                                      system_prompt=REPEAT_PROMPT))
+            speech.append(
+                make_sample(
+                    builder, [Turn("user", codes=speaker.codes(w, voice))], answer_text=w, system_prompt=REPEAT_PROMPT
+                )
+            )
     return {"text": text, "speech": speech}
 
 
@@ -192,8 +249,11 @@ def evaluate(model, builder, speaker, facts, held) -> dict[str, float]:
     ok_text = [a == facts[k] for a, k in zip(text, keys, strict=True)]
     ok_held = [a == facts[k] for a, k in zip(spoken, keys, strict=True) if k in held]
     ok_seen = [a == facts[k] for a, k in zip(spoken, keys, strict=True) if k not in held]
-    return {"text": float(np.mean(ok_text)), "spoken_held_out": float(np.mean(ok_held)),
-            "spoken_trained": float(np.mean(ok_seen))}
+    return {
+        "text": float(np.mean(ok_text)),
+        "spoken_held_out": float(np.mean(ok_held)),
+        "spoken_trained": float(np.mean(ok_seen)),
+    }
 
 
 def distinguishable(speaker, facts, held) -> float:
@@ -226,18 +286,27 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     facts = make_facts(seed)
     held = held_out(facts)
     data = build_data(builder, speaker, facts, held)
-    print(f"toy model: vocab {cfg.vocab_size} (special ids {cfg.sosp_token_id}=SOSP, "
-          f"{cfg.modality_pad_token_id}=pad), audio vocab {cfg.audio_vocab_size}, hidden {cfg.hidden_size}, "
-          f"{cfg.num_shared_layers}+{cfg.num_modality_layers} layers; {len(facts)} facts, {len(held)} held out "
-          f"from speech; samples: text {len(data['text'])}, speech {len(data['speech'])}")
+    print(
+        f"toy model: vocab {cfg.vocab_size} (special ids {cfg.sosp_token_id}=SOSP, "
+        f"{cfg.modality_pad_token_id}=pad), audio vocab {cfg.audio_vocab_size}, hidden {cfg.hidden_size}, "
+        f"{cfg.num_shared_layers}+{cfg.num_modality_layers} layers; {len(facts)} facts, {len(held)} held out "
+        f"from speech; samples: text {len(data['text'])}, speech {len(data['speech'])}"
+    )
     ceiling = distinguishable(speaker, facts, held)
     print(f"held-out spoken questions distinguishable by their codes: {ceiling:.0%}")
     srcs = {"speech": {"path": "-"}, "text": {"path": "-"}}
     results: dict = {"distinguishable_held_out": ceiling}
 
     # 1. Text pretraining: the "pretrained text LLM" (text groups only; audio groups stay at their init).
-    pre = StageConfig(name="text-pretrain", steps=n(300), train={g: 1e-2 for g in TEXT_GROUPS},
-                      data={"text": 1.0}, batch_size=4, seq_len=128, warmup_steps=20)
+    pre = StageConfig(
+        name="text-pretrain",
+        steps=n(300),
+        train={g: 1e-2 for g in TEXT_GROUPS},
+        data={"text": 1.0},
+        batch_size=4,
+        seq_len=128,
+        warmup_steps=20,
+    )
     pre_cfg = TrainConfig(init=base, out=out / "pretrain", data=srcs, stages=[pre], log_every=50, seed=seed)
     Trainer(model, pre_cfg, data).run()
     pretrained = out / "pretrain" / "1-text-pretrain"
@@ -245,10 +314,11 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     print(f"pretrained text model: {results['pretrained']}")
 
     # 2. The recipe and 3. the unfrozen baseline, same stages / data / steps.
-    recipe = [s.model_copy(update={"batch_size": 4, "seq_len": 128})
-              for s in default_stages(audio_lr=1e-2, text_lr=1e-3, steps=(n(150), n(100)))]
-    baseline = [s.model_copy(update={"name": f"unfrozen-{s.name}", "train": {g: 1e-2 for g in GROUPS}})
-                for s in recipe]
+    recipe = [
+        s.model_copy(update={"batch_size": 4, "seq_len": 128})
+        for s in default_stages(audio_lr=1e-2, text_lr=1e-3, steps=(n(150), n(100)))
+    ]
+    baseline = [s.model_copy(update={"name": f"unfrozen-{s.name}", "train": {g: 1e-2 for g in GROUPS}}) for s in recipe]
     for name, stages in (("recipe", recipe), ("baseline", baseline)):
         run_cfg = TrainConfig(init=pretrained, out=out / name, data=srcs, stages=stages, log_every=50, seed=seed)
         model = load_model(pretrained)
@@ -276,10 +346,14 @@ def results_table(r: dict) -> str:
     for name in ("recipe", "baseline"):
         for stage, s in r[name].items():
             rows.append((f"{name}: after {stage}", s, "yes" if s["text_weights_unchanged"] else "no"))
-    lines = ["| model | text QA acc | spoken held-out acc | spoken trained-fact acc | text weights unchanged |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | text QA acc | spoken held-out acc | spoken trained-fact acc | text weights unchanged |",
+        "|---|---|---|---|---|",
+    ]
     for label, s, same in rows:
         lines.append(f"| {label} | {s['text']:.0%} | {s['spoken_held_out']:.0%} | {s['spoken_trained']:.0%} | {same} |")
-    lines.append(f"\nheld-out spoken questions distinguishable by their codes (ceiling): "
-                 f"{r['distinguishable_held_out']:.0%}; run time {r['seconds']} s")
+    lines.append(
+        f"\nheld-out spoken questions distinguishable by their codes (ceiling): "
+        f"{r['distinguishable_held_out']:.0%}; run time {r['seconds']} s"
+    )
     return "\n".join(lines)

@@ -35,9 +35,16 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[dict]:
         if trained:
             # Norm weights are scales, not projections: no weight decay on them (the usual practice).
             decay = 0.0 if group.endswith("norm") else stage.weight_decay
-            param_groups.append({"params": [p for _, p in params], "names": [n for n, _ in params],
-                                 "group": group, "lr": stage.train[group], "base_lr": stage.train[group],
-                                 "weight_decay": decay})
+            param_groups.append(
+                {
+                    "params": [p for _, p in params],
+                    "names": [n for n, _ in params],
+                    "group": group,
+                    "lr": stage.train[group],
+                    "base_lr": stage.train[group],
+                    "weight_decay": decay,
+                }
+            )
     return param_groups
 
 

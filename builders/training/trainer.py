@@ -29,8 +29,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def packed_hidden(model: MossSpeechForCausalLM, grid: torch.Tensor, positions: torch.Tensor, doc: torch.Tensor,
-                  audio_tail: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def packed_hidden(
+    model: MossSpeechForCausalLM,
+    grid: torch.Tensor,
+    positions: torch.Tensor,
+    doc: torch.Tensor,
+    audio_tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's forward over packed sequences, up to the final norms: the same modules in the same order
     as `MossSpeechForCausalLM.forward`, with a block-diagonal causal mask so packed samples never see each
     other. The audio tail can be skipped when no row has an audio target (the tails are independent)."""
@@ -58,13 +63,15 @@ def compute_loss(model: MossSpeechForCausalLM, batch: Batch) -> tuple[torch.Tens
     total = text_h.new_zeros((), dtype=torch.float32)
     stats = {"text_targets": n_text, "audio_targets": n_audio}
     if n_text:
-        ce = F.cross_entropy(model.text_lm_head(text_h[text_sel]).float(), batch.text_targets[text_sel],
-                             reduction="sum")
+        ce = F.cross_entropy(
+            model.text_lm_head(text_h[text_sel]).float(), batch.text_targets[text_sel], reduction="sum"
+        )
         total = total + ce
         stats["text_loss"] = ce.item() / n_text
     if n_audio:
-        ce = F.cross_entropy(model.audio_lm_head(audio_h[audio_sel]).float(), batch.audio_targets[audio_sel],
-                             reduction="sum")
+        ce = F.cross_entropy(
+            model.audio_lm_head(audio_h[audio_sel]).float(), batch.audio_targets[audio_sel], reduction="sum"
+        )
         total = total + ce
         stats["audio_loss"] = ce.item() / n_audio
     loss = total / max(1, n_text + n_audio)
@@ -82,9 +89,14 @@ def lr_factor(stage: StageConfig, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, model: MossSpeechForCausalLM, cfg: TrainConfig, sources: dict[str, list[Sample]],
-                 on_stage_end: Callable[[int, StageConfig, MossSpeechForCausalLM], None] | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        model: MossSpeechForCausalLM,
+        cfg: TrainConfig,
+        sources: dict[str, list[Sample]],
+        on_stage_end: Callable[[int, StageConfig, MossSpeechForCausalLM], None] | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.model, self.cfg, self.sources = model, cfg, sources
         self.on_stage_end, self.log = on_stage_end, log
         self.history: list[dict] = []
@@ -112,17 +124,26 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         return trainer
 
-    def save(self, path: Path, stage: int, step: int, optimizer: torch.optim.Optimizer | None,
-             dtype: str | None = None) -> Path:
+    def save(
+        self, path: Path, stage: int, step: int, optimizer: torch.optim.Optimizer | None, dtype: str | None = None
+    ) -> Path:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(self.model, tmp, dtype=DTYPES[dtype or self.cfg.checkpoint_dtype])
         for name in TOKENIZER_FILES:
             if (self.cfg.init / name).is_file():
                 shutil.copy(self.cfg.init / name, tmp / name)
-        torch.save({"stage": stage, "step": step, "stages": [s.model_dump() for s in self.cfg.stages],
-                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                    "rng": torch.get_rng_state(), "history": self.history}, tmp / STATE_NAME)
+        torch.save(
+            {
+                "stage": stage,
+                "step": step,
+                "stages": [s.model_dump() for s in self.cfg.stages],
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "rng": torch.get_rng_state(),
+                "history": self.history,
+            },
+            tmp / STATE_NAME,
+        )
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)  # a crash mid-save never leaves a half-written checkpoint under the real name
         return path
@@ -145,18 +166,26 @@ class Trainer:
                 opt.load_state_dict(state["optimizer"])
             self._resume_state = None
             frozen = stage.frozen_groups()
-            self.log(f"stage {i + 1} {stage.name!r}: steps {first}..{stage.steps}, trained "
-                     f"{ {g: lr for g, lr in stage.train.items()} }, frozen {frozen}, data {stage.data}")
-            stream = BatchStream(self.sources, stage.data, self.cfg.seed * 100 + i, stage.batch_size,
-                                 stage.seq_len, self.model.config.modality_pad_token_id, self.pad_row)
+            self.log(
+                f"stage {i + 1} {stage.name!r}: steps {first}..{stage.steps}, trained "
+                f"{ {g: lr for g, lr in stage.train.items()} }, frozen {frozen}, data {stage.data}"
+            )
+            stream = BatchStream(
+                self.sources,
+                stage.data,
+                self.cfg.seed * 100 + i,
+                stage.batch_size,
+                stage.seq_len,
+                self.model.config.modality_pad_token_id,
+                self.pad_row,
+            )
             t0 = time.time()
             for step in range(first, stage.steps):
                 stats = self.train_step(opt, stage, step, stream.batch(step))
                 if (step + 1) % self.cfg.log_every == 0 or step + 1 == stage.steps:
                     self.history.append({"stage": stage.name, "step": step + 1, **stats})
                     parts = " ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith("loss"))
-                    self.log(f"  [{stage.name}] step {step + 1}/{stage.steps} {parts} "
-                             f"({time.time() - t0:.1f}s)")
+                    self.log(f"  [{stage.name}] step {step + 1}/{stage.steps} {parts} ({time.time() - t0:.1f}s)")
                 done += 1
                 if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and step + 1 < stage.steps:
                     self.save(self.cfg.out / f"{i + 1}-{stage.name}-step{step + 1}", i, step + 1, opt)

@@ -50,8 +50,12 @@ def verify_model_files(repo: Path, model: str) -> None:
     path = repo / "manifest.json"
     if not path.is_file():
         raise ValueError("no manifest.json in the model repository: build it with `moss-speech build`")
-    entries = [e for a in json.loads(path.read_text()).get("artifacts", {}).values() for e in a.get("files", [])
-               if e.get("root") == "repository" and e["path"].startswith(f"{model}/")]
+    entries = [
+        e
+        for a in json.loads(path.read_text()).get("artifacts", {}).values()
+        for e in a.get("files", [])
+        if e.get("root") == "repository" and e["path"].startswith(f"{model}/")
+    ]
     for e in entries:
         file = repo / e["path"]
         why = None
@@ -67,8 +71,9 @@ def verify_model_files(repo: Path, model: str) -> None:
             if h.hexdigest() != e["sha256"]:
                 why = "differs from the manifest (sha256)"
         if why:
-            raise ValueError(f"model {model}: artifact {e['path']} {why}; rebuild the repository with "
-                             f"`moss-speech build`")
+            raise ValueError(
+                f"model {model}: artifact {e['path']} {why}; rebuild the repository with `moss-speech build`"
+            )
 
 
 def load_codec(args: dict[str, Any]):
@@ -76,8 +81,9 @@ def load_codec(args: dict[str, Any]):
     from moss_speech.model_repository.runtime.factory import load_codec_runtime
 
     params = model_parameters(args)
-    codec = load_codec_runtime(serving_config(params), params["codec_dir"],
-                               artifact_path(args, params, "codec_artifacts"))
+    codec = load_codec_runtime(
+        serving_config(params), params["codec_dir"], artifact_path(args, params, "codec_artifacts")
+    )
     return codec, params
 
 

@@ -89,16 +89,19 @@ class TritonPythonModel:
         runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"))
         # Every token id (stop ids, chat markers, pads, SOSP/EOSP) from the checkpoint's files, read once here.
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
-        self.family = pb_utils.MetricFamily(name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot",
-                                            kind=pb_utils.MetricFamily.GAUGE)
+        self.family = pb_utils.MetricFamily(
+            name=LLM_ACTIVE_SEQUENCES, description="sequences holding a KV slot", kind=pb_utils.MetricFamily.GAUGE
+        )
         self.gauge = self.family.Metric(labels={"model": T.LLM.name})
-        self.slots_family = pb_utils.MetricFamily(name=LLM_KV_SLOTS, description="KV slots (most sequences at once)",
-                                                  kind=pb_utils.MetricFamily.GAUGE)
+        self.slots_family = pb_utils.MetricFamily(
+            name=LLM_KV_SLOTS, description="KV slots (most sequences at once)", kind=pb_utils.MetricFamily.GAUGE
+        )
         self.slots_gauge = self.slots_family.Metric(labels={"model": T.LLM.name})
         self.slots_gauge.set(serving.max_slots)
         self._cache_metrics()
-        self.engine = Engine(runtime, prompts, serving.streaming(), serving.max_queue, on_step=self._on_step,
-                             tokens=prompts.tokens)
+        self.engine = Engine(
+            runtime, prompts, serving.streaming(), serving.max_queue, on_step=self._on_step, tokens=prompts.tokens
+        )
         self.engine.start()
         self.board = CancelBoard(args.get("model_name", T.LLM.name))
         self._stop = threading.Event()
@@ -109,16 +112,19 @@ class TritonPythonModel:
         labels = {"model": T.LLM.name}
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.cache_families = [
-            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_HITS, description="prompts that reused a cached prefix",
-                                  kind=counter),
-            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_MISSES, description="prompts computed from the start",
-                                  kind=counter),
-            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_EVICTIONS, description="cached prefixes evicted",
-                                  kind=counter),
-            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_REUSED_ROWS, description="prompt rows not recomputed",
-                                  kind=counter),
-            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_ROWS, description="rows held by cached prefixes",
-                                  kind=gauge),
+            pb_utils.MetricFamily(
+                name=M.LLM_PREFIX_CACHE_HITS, description="prompts that reused a cached prefix", kind=counter
+            ),
+            pb_utils.MetricFamily(
+                name=M.LLM_PREFIX_CACHE_MISSES, description="prompts computed from the start", kind=counter
+            ),
+            pb_utils.MetricFamily(
+                name=M.LLM_PREFIX_CACHE_EVICTIONS, description="cached prefixes evicted", kind=counter
+            ),
+            pb_utils.MetricFamily(
+                name=M.LLM_PREFIX_CACHE_REUSED_ROWS, description="prompt rows not recomputed", kind=counter
+            ),
+            pb_utils.MetricFamily(name=M.LLM_PREFIX_CACHE_ROWS, description="rows held by cached prefixes", kind=gauge),
         ]
         self.cache_metrics = [f.Metric(labels=labels) for f in self.cache_families]
         self._cache_seen = (0, 0, 0, 0)
@@ -182,10 +188,16 @@ class TritonPythonModel:
             history = torch.from_numpy(np.ascontiguousarray(history.reshape(-1, 2), dtype=np.int64))
         output = string_input(pb_utils, request, T.OUTPUT_MODALITY.name) or "speech"
         sampling = SamplingParams.from_json(string_input(pb_utils, request, T.SAMPLING.name))
-        return Request(request_id, turn, output, history, sampling,
-                       voice_id=string_input(pb_utils, request, T.VOICE.name) or "default",
-                       system_prompt=string_input(pb_utils, request, T.SYSTEM_PROMPT.name) or None,
-                       session_id=str(params.get("session_id") or "") or None)
+        return Request(
+            request_id,
+            turn,
+            output,
+            history,
+            sampling,
+            voice_id=string_input(pb_utils, request, T.VOICE.name) or "default",
+            system_prompt=string_input(pb_utils, request, T.SYSTEM_PROMPT.name) or None,
+            session_id=str(params.get("session_id") or "") or None,
+        )
 
     def finalize(self):
         self._stop.set()
@@ -217,10 +229,13 @@ class Responder:
             outputs = tensors(pb_utils, self._window(window).to_tensors()) + [
                 pb_utils.Tensor(T.TEXT_TOKENS.name, np.array([update.text_tokens if first else []], dtype=np.int64)),
                 string_tensor(pb_utils, T.TEXT_DELTA.name, update.text_delta if first else ""),
-                pb_utils.Tensor(T.ROWS.name, np.array([update.rows], dtype=np.int64).reshape(1, -1, 2) if first
-                                else NO_ROWS),
-                pb_utils.Tensor(T.TURN_ROWS.name, update.turn_rows.numpy()[None]
-                                if last and update.turn_rows is not None else NO_ROWS),
+                pb_utils.Tensor(
+                    T.ROWS.name, np.array([update.rows], dtype=np.int64).reshape(1, -1, 2) if first else NO_ROWS
+                ),
+                pb_utils.Tensor(
+                    T.TURN_ROWS.name,
+                    update.turn_rows.numpy()[None] if last and update.turn_rows is not None else NO_ROWS,
+                ),
                 pb_utils.Tensor(T.FINAL.name, np.array([[update.final and last]], dtype=np.bool_)),
                 string_tensor(pb_utils, T.USAGE.name, json.dumps(update.usage) if last and update.usage else ""),
             ]
@@ -232,9 +247,17 @@ class Responder:
         if window is None:
             out = Window(response_index=self.responses, voice_id=self.voice_id)
         else:
-            out = Window(n_context=window.n_context, n_chunk=window.n_chunk, first_position=window.first_position,
-                         finalize=window.finalize, chunk_index=self.chunks, has_window=True,
-                         response_index=self.responses, tokens=tuple(window.tokens), voice_id=self.voice_id)
+            out = Window(
+                n_context=window.n_context,
+                n_chunk=window.n_chunk,
+                first_position=window.first_position,
+                finalize=window.finalize,
+                chunk_index=self.chunks,
+                has_window=True,
+                response_index=self.responses,
+                tokens=tuple(window.tokens),
+                voice_id=self.voice_id,
+            )
             self.chunks += 1
         self.responses += 1
         return out

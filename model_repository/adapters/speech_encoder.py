@@ -25,8 +25,11 @@ class TritonPythonModel:
             elif not np.isfinite(pcm).all():
                 errors[i] = error_response(pb_utils, "AUDIO contains NaN or Inf")
             elif pcm.size > self.max_samples:
-                errors[i] = error_response(pb_utils, f"AUDIO has {pcm.size} samples; the limit is {self.max_samples} "
-                                                    "(max_audio_seconds, `moss-speech build --max-audio-seconds`)")
+                errors[i] = error_response(
+                    pb_utils,
+                    f"AUDIO has {pcm.size} samples; the limit is {self.max_samples} "
+                    "(max_audio_seconds, `moss-speech build --max-audio-seconds`)",
+                )
             else:
                 pcms.append(pcm)
                 owners.append(i)
@@ -36,6 +39,9 @@ class TritonPythonModel:
                 codes = dict(zip(owners, self.codec.encode_pcm(pcms), strict=True))
             except AudioError as e:
                 errors.update({o: error_response(pb_utils, str(e)) for o in owners})
-        return [errors[i] if i in errors else
-                pb_utils.InferenceResponse([pb_utils.Tensor(T.CODES.name, np.asarray(codes[i], dtype=np.int64)[None])])
-                for i in range(len(requests))]
+        return [
+            errors[i]
+            if i in errors
+            else pb_utils.InferenceResponse([pb_utils.Tensor(T.CODES.name, np.asarray(codes[i], dtype=np.int64)[None])])
+            for i in range(len(requests))
+        ]

@@ -20,8 +20,9 @@ def read_window(request) -> Window:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
-    return Window.from_tensors(get(T.WINDOW_TOKENS.name), get(T.WINDOW_META.name),
-                               string_input(pb_utils, request, T.VOICE_ID.name))
+    return Window.from_tensors(
+        get(T.WINDOW_TOKENS.name), get(T.WINDOW_META.name), string_input(pb_utils, request, T.VOICE_ID.name)
+    )
 
 
 class TritonPythonModel:
@@ -39,9 +40,16 @@ class TritonPythonModel:
                 w = metas[i] = read_window(request)
                 if w.has_window:
                     self.codec.voices.get(w.voice_id)  # an unknown/deleted voice fails its request, not the batch
-                    windows.append(DecodeWindow(tokens=list(w.tokens), n_context=w.n_context, n_chunk=w.n_chunk,
-                                                first_position=w.first_position, finalize=w.finalize,
-                                                voice_id=w.voice_id))
+                    windows.append(
+                        DecodeWindow(
+                            tokens=list(w.tokens),
+                            n_context=w.n_context,
+                            n_chunk=w.n_chunk,
+                            first_position=w.first_position,
+                            finalize=w.finalize,
+                            voice_id=w.voice_id,
+                        )
+                    )
                     owners.append(i)
             except (ValueError, UnknownVoiceError) as e:
                 errors[i] = str(e)
@@ -59,10 +67,11 @@ class TritonPythonModel:
                 continue
             w = metas[i]
             pcm = audio.get(i, np.zeros(0, dtype=np.float32)).astype(np.float32, copy=False)
-            outputs = [pb_utils.Tensor(T.AUDIO_CHUNK.name, pcm.reshape(1, -1)),
-                       pb_utils.Tensor(T.AUDIO_SEQ.name,
-                                       np.array([[w.chunk_index if i in audio else -1]], dtype=np.int64)),
-                       pb_utils.Tensor(T.SEQ.name, np.array([[w.response_index]], dtype=np.int64))]
+            outputs = [
+                pb_utils.Tensor(T.AUDIO_CHUNK.name, pcm.reshape(1, -1)),
+                pb_utils.Tensor(T.AUDIO_SEQ.name, np.array([[w.chunk_index if i in audio else -1]], dtype=np.int64)),
+                pb_utils.Tensor(T.SEQ.name, np.array([[w.response_index]], dtype=np.int64)),
+            ]
             for t in T.PASSTHROUGH:
                 value = pb_utils.get_input_tensor_by_name(request, t.name).as_numpy()
                 outputs.append(pb_utils.Tensor(t.name + T.PASSTHROUGH_SUFFIX, value))

@@ -47,8 +47,10 @@ class TritonPythonModel:
         self.codec, params = load_codec(args)
         self.store = open_store(args)
         default = VoiceLimits()
-        self.limits = VoiceLimits(max_per_key=int(os.environ.get(LIMIT_ENV, default.max_per_key)),
-                                  prompt_tokens=int(os.environ.get(PROMPT_ENV, default.prompt_tokens)))
+        self.limits = VoiceLimits(
+            max_per_key=int(os.environ.get(LIMIT_ENV, default.max_per_key)),
+            prompt_tokens=int(os.environ.get(PROMPT_ENV, default.prompt_tokens)),
+        )
         self.builtin = {v: p for v, p in self.codec.voices.builtin_files.items()}
         self._create_lock = threading.Lock()  # the per-key count and the write are one step
 
@@ -56,9 +58,18 @@ class TritonPythonModel:
     def _builtin_records(self) -> list[dict]:
         import soundfile as sf
 
-        return [{"voice_id": v, "name": v, "description": "built-in", "owner": "", "builtin": True,
-                 "duration_seconds": round(sf.info(str(p)).duration, 3), "created_unix": p.stat().st_mtime}
-                for v, p in sorted(self.builtin.items())]
+        return [
+            {
+                "voice_id": v,
+                "name": v,
+                "description": "built-in",
+                "owner": "",
+                "builtin": True,
+                "duration_seconds": round(sf.info(str(p)).duration, 3),
+                "created_unix": p.stat().st_mtime,
+            }
+            for v, p in sorted(self.builtin.items())
+        ]
 
     def _record(self, voice_id: str, owner: str) -> dict:
         try:
@@ -71,12 +82,17 @@ class TritonPythonModel:
 
     def _check_count(self, owner: str) -> None:
         if len(self.store.records(owner)) >= self.limits.max_per_key:
-            raise VoiceOpError("RESOURCE_EXHAUSTED", f"this API key already has {self.limits.max_per_key} "
-                                                     "voices (the limit); delete one first")
+            raise VoiceOpError(
+                "RESOURCE_EXHAUSTED",
+                f"this API key already has {self.limits.max_per_key} voices (the limit); delete one first",
+            )
 
     def _create(self, args: dict, pcm: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-        owner, name, description = str(args.get("owner", "")), str(args.get("name", "")), str(
-            args.get("description", ""))
+        owner, name, description = (
+            str(args.get("owner", "")),
+            str(args.get("name", "")),
+            str(args.get("description", "")),
+        )
         rate = int(args.get("sample_rate", 0))
         if pcm is None:
             raise VoiceOpError("INVALID_ARGUMENT", "create needs the recording (VOICE_PCM)")
@@ -93,8 +109,9 @@ class TritonPythonModel:
             raise VoiceOpError("INVALID_ARGUMENT", f"recording: {e}") from None
         with self._create_lock:
             self._check_count(owner)
-            record = self.store.save(voice_id, name, description, owner, seconds, voice.prompt_codes,
-                                     voice.prompt_mel, voice.xvector)
+            record = self.store.save(
+                voice_id, name, description, owner, seconds, voice.prompt_codes, voice.prompt_mel, voice.xvector
+            )
         return asdict(record) | {"builtin": False}, voice.prompt_codes, voice.prompt_mel, voice.xvector
 
     def _run(self, op: str, args: dict, pcm: np.ndarray | None):
@@ -133,11 +150,18 @@ class TritonPythonModel:
                 pcm = array_input(pb_utils, request, T.VOICE_PCM.name)
                 pcm = None if pcm is None else pcm.reshape(-1).astype(np.float32)
                 info, codes, mel, xvec = self._run(op, args if isinstance(args, dict) else {}, pcm)
-                responses.append(pb_utils.InferenceResponse([
-                    pb_utils.Tensor(T.VOICE_INFO.name, np.array([[json.dumps(info).encode()]], dtype=np.object_)),
-                    pb_utils.Tensor(T.PROMPT_CODES.name, np.asarray(codes, np.int64)[None]),
-                    pb_utils.Tensor(T.PROMPT_MEL.name, np.asarray(mel, np.float32)[None]),
-                    pb_utils.Tensor(T.XVECTOR.name, np.asarray(xvec, np.float32)[None])]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        [
+                            pb_utils.Tensor(
+                                T.VOICE_INFO.name, np.array([[json.dumps(info).encode()]], dtype=np.object_)
+                            ),
+                            pb_utils.Tensor(T.PROMPT_CODES.name, np.asarray(codes, np.int64)[None]),
+                            pb_utils.Tensor(T.PROMPT_MEL.name, np.asarray(mel, np.float32)[None]),
+                            pb_utils.Tensor(T.XVECTOR.name, np.asarray(xvec, np.float32)[None]),
+                        ]
+                    )
+                )
             except VoiceOpError as e:
                 responses.append(error_response(pb_utils, str(e)))
             except Exception as e:  # noqa: BLE001 - logged here, a plain message to the client

@@ -52,8 +52,7 @@ class LLMRuntime(ABC):
 
     def __init__(self, config: MossSpeechConfig, max_slots: int, max_context: int):
         if max_context > config.max_position_embeddings:
-            raise ValueError(f"max_context {max_context} exceeds the model's context "
-                             f"{config.max_position_embeddings}")
+            raise ValueError(f"max_context {max_context} exceeds the model's context {config.max_position_embeddings}")
         self.config = config
         self.max_slots = max_slots
         self.max_context = max_context
@@ -97,8 +96,11 @@ class LLMRuntime(ABC):
                     best, best_len = slot, common
         # Without a key, while a slot is free, a short shared prefix (another conversation's system prompt, chat
         # markers) does not take a cached slot: that would cut its entry down to the shared part.
-        worth = best >= 0 and best_len >= self.min_prefix and (
-            key is not None or not self._free or 4 * best_len >= self._lengths[best])
+        worth = (
+            best >= 0
+            and best_len >= self.min_prefix
+            and (key is not None or not self._free or 4 * best_len >= self._lengths[best])
+        )
         if worth:
             del self._cached[best]
             self._lengths[best] = best_len
@@ -161,7 +163,7 @@ class LLMRuntime(ABC):
         if start >= grid.shape[0] or not torch.equal(self._rows[slot, :start], grid[:start]):
             raise ValueError(f"slot {slot} holds {start} tokens that are not a proper prefix of the prompt")
         out = self._prefill(slot, grid[start:], start)
-        self._rows[slot, start:grid.shape[0]] = grid[start:]
+        self._rows[slot, start : grid.shape[0]] = grid[start:]
         self._lengths[slot] = grid.shape[0]
         return out
 
@@ -169,8 +171,9 @@ class LLMRuntime(ABC):
         """One step for each slot: rows [B, 2] -> (text [B, Vt], audio [B, Va]) logits."""
         for s in slots:
             if self._lengths[s] + 1 > self.max_context:
-                raise ContextLengthError(f"sequence in slot {s} reached the runtime's context of "
-                                         f"{self.max_context} tokens")
+                raise ContextLengthError(
+                    f"sequence in slot {s} reached the runtime's context of {self.max_context} tokens"
+                )
         rows = rows.to(torch.long)
         out = self._decode(slots, rows)
         for i, s in enumerate(slots):

@@ -102,10 +102,14 @@ def _load_graphs(artifacts_dir: Path, suffix: str, wanted: Sequence[str] | None,
     wanted = tuple(wanted) if wanted is not None else present_graphs(artifacts_dir, suffix)
     unknown = set(wanted) - set(GRAPH_IO)
     if unknown or not wanted:
-        raise ValueError(f"no codec graphs to load from {artifacts_dir}" if not wanted else
-                         f"unknown codec graphs {sorted(unknown)}; known: {list(GRAPH_IO)}")
-    return {k: load(k, artifacts_dir / f"{k}{suffix}") if k in wanted else AbsentGraph(k, artifacts_dir)
-            for k in GRAPH_IO}
+        raise ValueError(
+            f"no codec graphs to load from {artifacts_dir}"
+            if not wanted
+            else f"unknown codec graphs {sorted(unknown)}; known: {list(GRAPH_IO)}"
+        )
+    return {
+        k: load(k, artifacts_dir / f"{k}{suffix}") if k in wanted else AbsentGraph(k, artifacts_dir) for k in GRAPH_IO
+    }
 
 
 def _load_speaker(artifacts_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -124,8 +128,14 @@ class TorchCodecRuntime(CodecRuntime):
 
     backend = "torch"
 
-    def __init__(self, codec_dir: Path | str, streaming: StreamingConfig | None = None, flow_chunk: int = 0,
-                 threads: int | None = None, **kwargs):
+    def __init__(
+        self,
+        codec_dir: Path | str,
+        streaming: StreamingConfig | None = None,
+        flow_chunk: int = 0,
+        threads: int | None = None,
+        **kwargs,
+    ):
         from moss_speech.builders.codec.codec import SpeechCodec
 
         if threads:
@@ -158,9 +168,16 @@ class OrtGraph:
 class OnnxCodecRuntime(CodecRuntime):
     backend = "onnxruntime"
 
-    def __init__(self, codec_dir: Path | str, artifacts_dir: Path | str, threads: int | None = None,
-                 providers: list[str] | None = None, streaming: StreamingConfig | None = None,
-                 graphs: Sequence[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        codec_dir: Path | str,
+        artifacts_dir: Path | str,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        streaming: StreamingConfig | None = None,
+        graphs: Sequence[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(codec_dir, streaming, **kwargs)
         self.artifacts_dir = Path(artifacts_dir)
 
@@ -224,10 +241,18 @@ class TensorRTCodecRuntime(CodecRuntime):
 
     backend = "tensorrt"
 
-    def __init__(self, codec_dir: Path | str, artifacts_dir: Path | str, device: str = "cuda",
-                 streaming: StreamingConfig | None = None, graphs: Sequence[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        codec_dir: Path | str,
+        artifacts_dir: Path | str,
+        device: str = "cuda",
+        streaming: StreamingConfig | None = None,
+        graphs: Sequence[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(codec_dir, streaming, **kwargs)
         self.artifacts_dir = Path(artifacts_dir)
-        loaded = _load_graphs(self.artifacts_dir, ENGINE_SUFFIX, graphs,
-                              lambda k, path: TensorRTGraph(path, GRAPH_IO[k][0], device))
+        loaded = _load_graphs(
+            self.artifacts_dir, ENGINE_SUFFIX, graphs, lambda k, path: TensorRTGraph(path, GRAPH_IO[k][0], device)
+        )
         self.use_graphs(loaded, _load_speaker(self.artifacts_dir))

@@ -29,9 +29,15 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class OrtLLMRuntime(LLMRuntime):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike, config: MossSpeechConfig, max_slots: int = 8,
-                 max_context: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 session_options: ort.SessionOptions | None = None):
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        config: MossSpeechConfig,
+        max_slots: int = 8,
+        max_context: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        session_options: ort.SessionOptions | None = None,
+    ):
         super().__init__(config, max_slots, max_context or default_context(config))
         self.session = ort.InferenceSession(str(onnx_path), session_options, providers=list(providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -41,23 +47,30 @@ class OrtLLMRuntime(LLMRuntime):
         layers, _, _, kv_heads, _, head_dim = past.shape
         want = (config.num_layer_instances, config.num_key_value_heads, config.head_dim)
         if (layers, kv_heads, head_dim) != want:
-            raise ValueError(f"{onnx_path}: past_kv has (layers, kv_heads, head_dim) = "
-                             f"{(layers, kv_heads, head_dim)}, the config says {want}")
+            raise ValueError(
+                f"{onnx_path}: past_kv has (layers, kv_heads, head_dim) = "
+                f"{(layers, kv_heads, head_dim)}, the config says {want}"
+            )
         self.kv_dtype = _NP_DTYPES[past.type]
         self.cache = np.zeros((layers, 2, max_slots, kv_heads, self.max_context, head_dim), self.kv_dtype)
 
     def _run(self, grid: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, past: np.ndarray):
-        text, audio, new_kv = self.session.run(None, {"grid": grid, "position_ids": position_ids,
-                                                      "attention_mask": mask, "past_kv": past})
+        text, audio, new_kv = self.session.run(
+            None, {"grid": grid, "position_ids": position_ids, "attention_mask": mask, "past_kv": past}
+        )
         return torch.from_numpy(text), torch.from_numpy(audio), new_kv
 
     def _prefill(self, slot, grid, start=0):
         n = grid.shape[0]
         # The kept prefix's K/V (empty for a fresh slot) as the past; the new rows sit at positions start..
-        past = np.ascontiguousarray(self.cache[:, :, slot:slot + 1, :, :start])
-        text, audio, new_kv = self._run(grid.numpy()[None], np.arange(start, start + n, dtype=np.int64)[None],
-                                        np.ones((1, start + n), np.int64), past)
-        self.cache[:, :, slot, :, start:start + n] = new_kv[:, :, 0]
+        past = np.ascontiguousarray(self.cache[:, :, slot : slot + 1, :, :start])
+        text, audio, new_kv = self._run(
+            grid.numpy()[None],
+            np.arange(start, start + n, dtype=np.int64)[None],
+            np.ones((1, start + n), np.int64),
+            past,
+        )
+        self.cache[:, :, slot, :, start : start + n] = new_kv[:, :, 0]
         return text[0], audio[0]
 
     def _decode(self, slots, rows):

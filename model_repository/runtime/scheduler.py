@@ -79,9 +79,16 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, runtime: LLMRuntime, prompts: PromptBuilder, streaming: StreamingConfig | None = None,
-                 max_queue: int = 64, on_step: Callable[[int], None] | None = None,
-                 tokens: SpecialTokens | None = None, prefix_cache: bool = True):
+    def __init__(
+        self,
+        runtime: LLMRuntime,
+        prompts: PromptBuilder,
+        streaming: StreamingConfig | None = None,
+        max_queue: int = 64,
+        on_step: Callable[[int], None] | None = None,
+        tokens: SpecialTokens | None = None,
+        prefix_cache: bool = True,
+    ):
         self.runtime = runtime
         runtime.prefix_cache = runtime.prefix_cache and prefix_cache  # a runtime may not support it (TensorRT)
         self.prompts = prompts
@@ -99,8 +106,9 @@ class Engine:
         self.max_batch_seen = 0  # largest decode batch so far (tests, diagnostics)
 
     # --- API -----------------------------------------------------------------------------------------------
-    def submit(self, req: Request, emit: Callable[[Update], None],
-               is_cancelled: Callable[[], bool] = lambda: False) -> None:
+    def submit(
+        self, req: Request, emit: Callable[[Update], None], is_cancelled: Callable[[], bool] = lambda: False
+    ) -> None:
         """Queue a request; raises ContextLengthError / QueueFullError / ValueError before queueing."""
         prompt = self.prompts.continue_conversation(req.history, req.turn, req.output, req.system_prompt)
         check_context(prompt.shape[0], self.runtime.max_context, "the served context")
@@ -221,11 +229,12 @@ class Engine:
             text = self.prompts.decode_text(job.text_ids)
             if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
                 update.text_tokens = [step.text_token]
-                update.text_delta = text[len(job.text_sent):]
+                update.text_delta = text[len(job.text_sent) :]
                 job.text_sent = text
         if job.req.output == "speech" or job.speech:
-            update.windows = ready_windows(job.speech, job.emitted_speech, speech_done or step.finished,
-                                           self.streaming, job.req.voice_id)
+            update.windows = ready_windows(
+                job.speech, job.emitted_speech, speech_done or step.finished, self.streaming, job.req.voice_id
+            )
             job.emitted_speech += sum(w.n_chunk for w in update.windows)
         if step.finished:
             self._finish(job, last=update)
@@ -243,8 +252,9 @@ class Engine:
         except Exception:  # noqa: BLE001 - the client went away; stop generating for it
             job.cancelled = True
 
-    def _finish(self, job: _Job, last: Update | None = None, cancelled: bool = False,
-                error: Exception | None = None) -> None:
+    def _finish(
+        self, job: _Job, last: Update | None = None, cancelled: bool = False, error: Exception | None = None
+    ) -> None:
         if job in self._running:
             self._running.remove(job)
         if job.slot >= 0:

@@ -23,12 +23,20 @@ class TorchLLMRuntime(LLMRuntime):
         super().__init__(cfg, max_slots, max_context or default_context(cfg))
         self.model = model
         p = next(model.parameters())
-        self.cache = StaticKVCache(cfg.num_layer_instances, max_slots, cfg.num_key_value_heads,
-                                   self.max_context, cfg.head_dim, p.dtype, p.device)
+        self.cache = StaticKVCache(
+            cfg.num_layer_instances,
+            max_slots,
+            cfg.num_key_value_heads,
+            self.max_context,
+            cfg.head_dim,
+            p.dtype,
+            p.device,
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        **kw) -> TorchLLMRuntime:
+    def from_checkpoint(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", **kw
+    ) -> TorchLLMRuntime:
         return cls(MossSpeechForCausalLM.from_pretrained(path, dtype=dtype, device=device), **kw)
 
     @torch.no_grad()

@@ -49,8 +49,15 @@ def generate(root: Path | None = None, out: Path = GEN_DIR) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *map(str, sources)]
+        args = [
+            "protoc",
+            f"-I{root}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *map(str, sources),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         for path in sorted((Path(tmp) / PROTO_PACKAGE).iterdir()):

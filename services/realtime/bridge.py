@@ -51,7 +51,8 @@ class ServiceTLS:
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("service_tls_cert_file and service_tls_key_file go together (mTLS)")
         return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_file), private_key=read(self.key_file),
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
             certificate_chain=read(self.cert_file),
         )
 

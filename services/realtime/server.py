@@ -44,8 +44,12 @@ class RealtimeServer:
         self.metrics = RealtimeMetrics()
         tls = None
         if settings.service_tls_ca_file:
-            tls = ServiceTLS(settings.service_tls_ca_file, settings.service_tls_cert_file,
-                             settings.service_tls_key_file, settings.service_tls_server_name)
+            tls = ServiceTLS(
+                settings.service_tls_ca_file,
+                settings.service_tls_cert_file,
+                settings.service_tls_key_file,
+                settings.service_tls_server_name,
+            )
         self.bridge = Bridge(settings.service_url, tls)
         # The service's key check at the handshake (services.auth), when the gateway has the key file.
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None

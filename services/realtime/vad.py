@@ -31,6 +31,7 @@ RECENT = SEARCH + 8 * FRAME  # audio kept for that search (the VAD flips a few f
 GATE_DB = 35.0
 FLOOR_RMS = 10 ** (-70 / 20)  # -70 dBFS: digital silence is never speech
 
+
 def model_path() -> Path:
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:

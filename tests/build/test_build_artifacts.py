@@ -37,10 +37,13 @@ def test_manifest_lists_every_file_with_size_and_hash(cpu_repo):
     assert ("repository", "llm/1/artifacts/model.onnx") in files
     # each codec model reads its own folder, which holds only the graphs it runs
     served = {path for root, path in files if root == "repository"}
-    for model, graphs in {"speech_encoder": ["whisper_mel", "speech_encoder"],
-                          "vocoder": ["flow_encoder", "flow_estimator", "hift"]}.items():
-        own = sorted(Path(p).name for p in served if p.startswith(f"{model}/1/artifacts/codec/")
-                     and p.endswith(".onnx"))
+    for model, graphs in {
+        "speech_encoder": ["whisper_mel", "speech_encoder"],
+        "vocoder": ["flow_encoder", "flow_estimator", "hift"],
+    }.items():
+        own = sorted(
+            Path(p).name for p in served if p.startswith(f"{model}/1/artifacts/codec/") and p.endswith(".onnx")
+        )
         assert own == sorted(f"{g}.onnx" for g in graphs), model
     assert "vocoder/1/artifacts/codec/voices/default.npz" in served  # built-in voices come precomputed
     assert "vocoder/1/artifacts/codec/speaker.npz" in served
@@ -63,16 +66,20 @@ def test_truncated_or_missing_outputs_are_rebuilt(tiny_bundle, repo_copy):
     assert rebuild(tiny_bundle, repo_copy) == {}  # up to date now
     (repo_copy / "vocoder/1/artifacts/codec/hift.onnx").unlink()  # now the served codec needs the export again
     why = rebuild(tiny_bundle, repo_copy)
-    assert why == {"codec.onnx": "codec/hift.onnx is missing",
-                   "codec": "vocoder/1/artifacts/codec/hift.onnx is missing"}
+    assert why == {
+        "codec.onnx": "codec/hift.onnx is missing",
+        "codec": "vocoder/1/artifacts/codec/hift.onnx is missing",
+    }
 
 
 def test_changed_served_file_is_reinstalled_without_reexport(tiny_bundle, repo_copy):
     hift = repo_copy / "vocoder/1/artifacts/codec/hift.onnx"
     hift.unlink()  # the served link only: the cached graph is intact
     hift.write_bytes(b"not a graph")
-    assert rebuild(tiny_bundle, repo_copy) == {"codec": "vocoder/1/artifacts/codec/hift.onnx has 11 bytes, the "
-                                                        f"manifest says {_bytes(repo_copy, 'codec.onnx', 'hift.onnx')}"}
+    assert rebuild(tiny_bundle, repo_copy) == {
+        "codec": "vocoder/1/artifacts/codec/hift.onnx has 11 bytes, the "
+        f"manifest says {_bytes(repo_copy, 'codec.onnx', 'hift.onnx')}"
+    }
 
 
 def _bytes(repo: Path, artifact: str, name: str) -> int:
@@ -89,8 +96,11 @@ def test_adapters_refuse_a_repository_that_does_not_match(repo_copy):
     data[-1] ^= 1  # same size, one bit changed
     flow.unlink()
     flow.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"model vocoder: artifact vocoder/1/artifacts/codec/flow_encoder.onnx "
-                                         r"differs from the manifest \(sha256\)") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"model vocoder: artifact vocoder/1/artifacts/codec/flow_encoder.onnx "
+        r"differs from the manifest \(sha256\)",
+    ) as e:
         artifact_path(args, params, "codec_artifacts")
     assert str(repo_copy) not in str(e.value)  # names the file inside the repository, nothing else
     flow.unlink()
@@ -135,8 +145,11 @@ def test_each_codec_model_loads_only_its_graphs_and_serves_what_the_whole_codec_
     enc = CodecRuntime.from_artifacts(tiny_bundle / "codec", cpu_repo / "speech_encoder/1/artifacts/codec", threads=1)
     voc = CodecRuntime.from_artifacts(tiny_bundle / "codec", cpu_repo / "vocoder/1/artifacts/codec", threads=1)
     assert {k for k, g in enc.graphs.items() if not isinstance(g, AbsentGraph)} == {"whisper_mel", "speech_encoder"}
-    assert {k for k, g in voc.graphs.items() if not isinstance(g, AbsentGraph)} == {"flow_encoder", "flow_estimator",
-                                                                                    "hift"}
+    assert {k for k, g in voc.graphs.items() if not isinstance(g, AbsentGraph)} == {
+        "flow_encoder",
+        "flow_estimator",
+        "hift",
+    }
     pcm = np.sin(np.arange(24000) * 0.05).astype(np.float32)
     codes = whole.encode_pcm([pcm])[0]
     np.testing.assert_array_equal(enc.encode_pcm([pcm])[0], codes)
@@ -147,6 +160,7 @@ def test_each_codec_model_loads_only_its_graphs_and_serves_what_the_whole_codec_
     served = voc.voices.get("default")  # from voices/default.npz: the vocoder has no encoder to compute it
     for k in ("prompt_codes", "prompt_mel", "xvector"):
         np.testing.assert_array_equal(getattr(served, k), getattr(computed, k))
-    window = DecodeWindow(tokens=[int(c) for c in codes[:6]], n_context=0, n_chunk=4, first_position=0,
-                          voice_id="default")
+    window = DecodeWindow(
+        tokens=[int(c) for c in codes[:6]], n_context=0, n_chunk=4, first_position=0, voice_id="default"
+    )
     np.testing.assert_array_equal(voc.decode_windows([window])[0], whole.decode_windows([window])[0])

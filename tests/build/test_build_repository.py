@@ -71,8 +71,9 @@ def test_newer_triton_options_and_gpu_profile(tiny_bundle, tmp_path):
     from moss_speech.model_repository.writer import write_repository
 
     serving = ServingConfig.for_target("gpu", max_inflight_requests=16)
-    write_repository(tmp_path, serving, tiny_bundle, tiny_bundle / "codec", "llm/1/artifacts/model.plan",
-                     "vocoder/1/artifacts/codec")
+    write_repository(
+        tmp_path, serving, tiny_bundle, tiny_bundle / "codec", "llm/1/artifacts/model.plan", "vocoder/1/artifacts/codec"
+    )
     assert "max_inflight_requests: 16" in (tmp_path / "s2s" / "config.pbtxt").read_text()
     llm = (tmp_path / "llm" / "config.pbtxt").read_text()
     assert "KIND_GPU" in llm and '\\"llm_runtime\\":\\"tensorrt\\"' in llm and "model.plan" in llm
@@ -80,22 +81,61 @@ def test_newer_triton_options_and_gpu_profile(tiny_bundle, tmp_path):
 
 def test_context_beyond_the_model_is_refused(tiny_bundle, tmp_path):
     with pytest.raises(BuildError, match="max_context 100000 exceeds the model's context .*2048"):
-        build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", tmp_path,
-                         ServingConfig.for_target("cpu", max_context=100000), progress=False)
+        build_repository(
+            tiny_bundle,
+            tiny_bundle / "codec",
+            "cpu",
+            tmp_path,
+            ServingConfig.for_target("cpu", max_context=100000),
+            progress=False,
+        )
 
 
 def test_cli_build_with_torch_runtimes(tiny_bundle, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tiny_bundle),
-                          "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path), "--llm-runtime", "torch",
-                          "--codec-backend", "torch", "--cache-dir", str(tmp_path / "elsewhere"), "--quiet"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_speech.cli.main",
+            "build",
+            "--checkpoint",
+            str(tiny_bundle),
+            "--codec",
+            str(tiny_bundle / "codec"),
+            "--out",
+            str(tmp_path),
+            "--llm-runtime",
+            "torch",
+            "--codec-backend",
+            "torch",
+            "--cache-dir",
+            str(tmp_path / "elsewhere"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["artifacts"] == {}
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["cache_dir"] == str((tmp_path / "elsewhere").resolve()) and (tmp_path / "elsewhere").is_dir()
     assert (tmp_path / "t2s" / "config.pbtxt").is_file()
-    bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "build", "--checkpoint", str(tmp_path),
-                          "--codec", str(tiny_bundle / "codec"), "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_speech.cli.main",
+            "build",
+            "--checkpoint",
+            str(tmp_path),
+            "--codec",
+            str(tiny_bundle / "codec"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "error: no config.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -103,8 +143,14 @@ def test_gpu_target_builds_engines_offline(tiny_bundle, tmp_path, capsys):
     """Without a GPU the engines come from the TensorRT-RTX builder: they prove every graph parses and builds
     with the config's profiles. Running them needs a GPU and is not checked here."""
     pytest.importorskip("tensorrt_rtx_bindings" if importlib.util.find_spec("tensorrt") is None else "tensorrt")
-    manifest = build_repository(tiny_bundle, tiny_bundle / "codec", "gpu", tmp_path,
-                                ServingConfig.for_target("gpu", max_slots=2, max_context=256), progress=False)
+    manifest = build_repository(
+        tiny_bundle,
+        tiny_bundle / "codec",
+        "gpu",
+        tmp_path,
+        ServingConfig.for_target("gpu", max_slots=2, max_context=256),
+        progress=False,
+    )
     llm = manifest["artifacts"]["llm"]["engine"]
     assert llm["precision"] == "bf16" and (tmp_path / "llm/1/artifacts/model.plan").stat().st_size > 0
     assert [p["past_kv"][2][2] for p in manifest["artifacts"]["llm"]["profiles"]] == [2, 1]  # max batch

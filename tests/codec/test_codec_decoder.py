@@ -116,9 +116,7 @@ def test_bad_windows_rejected(kwargs):
 
 
 def test_window_round_trips_as_json():
-    w = DecodeWindow(
-        tokens=[5, 6, 7, 8], n_context=1, n_chunk=2, first_position=40, voice_id="v", finalize=False
-    )
+    w = DecodeWindow(tokens=[5, 6, 7, 8], n_context=1, n_chunk=2, first_position=40, voice_id="v", finalize=False)
     assert DecodeWindow.model_validate_json(w.model_dump_json()) == w
     assert w.n_lookahead == 1 and w.chunk_position == 41
 

@@ -17,9 +17,9 @@ from moss_speech.builders.codec.weights import CheckpointError
 def _speechy(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n) / 16000
-    return (
-        0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * np.sin(3 * t))) + 0.05 * rng.standard_normal(n)
-    ).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * np.sin(3 * t))) + 0.05 * rng.standard_normal(n)).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("samples", [1, 1279, 1280, 1281, 16000, 40000, 16000 * 31 + 5])

@@ -10,8 +10,16 @@ from moss_speech.contract.sampling import FIELDS, SamplingParams
 
 def test_defaults_are_the_reference_demo():
     p = SamplingParams()
-    assert (p.do_sample, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens,
-            p.min_new_tokens, p.seed) == (True, 0.6, 0.95, 20, 1.1, 500, 0, None)
+    assert (
+        p.do_sample,
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.repetition_penalty,
+        p.max_new_tokens,
+        p.min_new_tokens,
+        p.seed,
+    ) == (True, 0.6, 0.95, 20, 1.1, 500, 0, None)
     assert {name: getattr(p, name) for name in FIELDS} == {name: d for name, (d, _, _) in FIELDS.items()}
 
 
@@ -22,11 +30,19 @@ def test_sampling_json_round_trip_and_missing_fields():
     assert SamplingParams.from_json(None) == SamplingParams.from_json("") == SamplingParams()
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": -1}, "seed"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"nucleus": 0.9}, "nucleus"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"nucleus": 0.9}, "nucleus"),
+    ],
+)
 def test_limits_name_the_field(bad, field):
     with pytest.raises(ValidationError) as e:
         SamplingParams.from_json(json.dumps(bad))

@@ -15,14 +15,24 @@ MODELS = {m.name: m for m in (*T.PYTHON_MODELS, *T.ENSEMBLES)}
 def configs(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo")
     write_repository(out, ServingConfig.for_target("cpu", max_audio_seconds=12.5), out / "ckpt", out / "codec")
-    return {name: text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-            for name in MODELS}
+    return {
+        name: text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        for name in MODELS
+    }
 
 
 def _io(tensors) -> list[tuple]:
     # ModelOutput has neither `optional` nor `allow_ragged_batch`
-    return [(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims), getattr(t, "optional", False),
-             getattr(t, "allow_ragged_batch", False)) for t in tensors]
+    return [
+        (
+            t.name,
+            model_config_pb2.DataType.Name(t.data_type),
+            tuple(t.dims),
+            getattr(t, "optional", False),
+            getattr(t, "allow_ragged_batch", False),
+        )
+        for t in tensors
+    ]
 
 
 def _spec(tensors) -> list[tuple]:

@@ -13,14 +13,30 @@ def test_meta_fields_are_the_first_window_fields_in_wire_order():
     names = [f.name for f in fields(Window)]
     assert tuple(names[: len(META_FIELDS)]) == META_FIELDS
     # The wire order the llm and vocoder adapters shipped with (a change here breaks running repositories).
-    assert META_FIELDS == ("n_context", "n_chunk", "first_position", "finalize", "chunk_index", "has_window",
-                           "response_index")
+    assert META_FIELDS == (
+        "n_context",
+        "n_chunk",
+        "first_position",
+        "finalize",
+        "chunk_index",
+        "has_window",
+        "response_index",
+    )
     assert T.WINDOW_META.dims == (len(META_FIELDS),)
 
 
 def test_window_round_trips_through_tensors():
-    w = Window(n_context=20, n_chunk=5, first_position=37, finalize=True, chunk_index=4, has_window=True,
-               response_index=9, tokens=tuple(range(25)), voice_id="alice")
+    w = Window(
+        n_context=20,
+        n_chunk=5,
+        first_position=37,
+        finalize=True,
+        chunk_index=4,
+        has_window=True,
+        response_index=9,
+        tokens=tuple(range(25)),
+        voice_id="alice",
+    )
     arrays = w.to_tensors()
     assert set(arrays) == {T.WINDOW_TOKENS.name, T.WINDOW_META.name, T.VOICE_ID.name}
     assert arrays[T.WINDOW_META.name].tolist() == [[20, 5, 37, 1, 4, 1, 9]]

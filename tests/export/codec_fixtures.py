@@ -67,8 +67,12 @@ def espeak(text: str, rate: int = 16000) -> np.ndarray | None:
     wav = _workdir() / f"espeak_{abs(hash(text))}.wav"
     cmd = ["espeak-ng", "-v", "en-us", "-s", "140", "--stdout", text]
     speech = subprocess.run(cmd, capture_output=True, check=True)
-    subprocess.run(["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(wav)], input=speech.stdout,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(wav)],
+        input=speech.stdout,
+        check=True,
+        capture_output=True,
+    )
     pcm, sr = sf.read(str(wav), dtype="float32")
     assert sr == rate
     return pcm

@@ -120,8 +120,9 @@ def test_flow_estimator_parity_with_padding_mask(codec_onnx_dir, codec_ref):
     assert got.shape == (b, 80, t)
     assert maxdiff(got, want) <= FLOW_ATOL
     with torch.no_grad():  # masked frames do not reach the valid part: row 3 alone, unpadded, gives the same
-        alone = codec_ref.flow.decoder.estimator(*(v[3:4, ..., :37] if v.dim() == 3 else v[3:4] for v in
-                                                   (x, mask, mu, tt, spks, cond)))
+        alone = codec_ref.flow.decoder.estimator(
+            *(v[3:4, ..., :37] if v.dim() == 3 else v[3:4] for v in (x, mask, mu, tt, spks, cond))
+        )
     assert maxdiff(got[3, :, :37], alone[0]) <= FLOW_ATOL
 
 

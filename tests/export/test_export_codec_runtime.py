@@ -131,5 +131,6 @@ def test_runtime_errors(codec_tiny_dir, codec_onnx_dir, codec_ort_runtime):
         CodecRuntime.from_artifacts(codec_tiny_dir, codec_tiny_dir)
     assert codec_ort_runtime.decode_windows([]) == []
     with pytest.raises(UnknownVoiceError):
-        codec_ort_runtime.decode_windows([DecodeWindow(tokens=[1, 2, 3], n_context=0, n_chunk=3, first_position=0,
-                                                       voice_id="nobody")])
+        codec_ort_runtime.decode_windows(
+            [DecodeWindow(tokens=[1, 2, 3], n_context=0, n_chunk=3, first_position=0, voice_id="nobody")]
+        )

@@ -28,8 +28,17 @@ def rows(n: int, seed: int) -> torch.Tensor:
 
 
 def run(session, grid, position_ids, mask, past) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(session.run(None, {"grid": grid.numpy(), "position_ids": position_ids.numpy(),
-                                    "attention_mask": mask.numpy(), "past_kv": past}))
+    return tuple(
+        session.run(
+            None,
+            {
+                "grid": grid.numpy(),
+                "position_ids": position_ids.numpy(),
+                "attention_mask": mask.numpy(),
+                "past_kv": past,
+            },
+        )
+    )
 
 
 def empty_past(cfg, batch: int, dtype=np.float32) -> np.ndarray:
@@ -83,7 +92,7 @@ def test_prefill_and_decode_with_past_match_torch_batch2_left_padded(llm_session
         assert new_kv.shape[4] == 1
         past = np.concatenate([past, new_kv], axis=4)
         for b in range(2):
-            seqs[b] = torch.cat([seqs[b], new[b:b + 1]])
+            seqs[b] = torch.cat([seqs[b], new[b : b + 1]])
             ref_t, ref_a = tiny_model(seqs[b][None], last_only=True)
             np.testing.assert_allclose(text[b], ref_t[0].numpy(), atol=LOGIT_ATOL, rtol=0)
             np.testing.assert_allclose(audio[b], ref_a[0].numpy(), atol=LOGIT_ATOL, rtol=0)
@@ -94,17 +103,19 @@ def test_shorter_rows_keep_left_aligned_past_with_a_masked_tail(llm_session, tin
     """The runtime layout: row 0 holds 3 tokens and 4 garbage slots after them, row 1 holds 7."""
     cfg = tiny_model.config
     a, b = rows(3, 3), rows(7, 4)
-    _, _, kv_a = run(llm_session, a[None], torch.arange(3)[None], torch.ones(1, 3, dtype=torch.long),
-                     empty_past(cfg, 1))
-    _, _, kv_b = run(llm_session, b[None], torch.arange(7)[None], torch.ones(1, 7, dtype=torch.long),
-                     empty_past(cfg, 1))
+    _, _, kv_a = run(
+        llm_session, a[None], torch.arange(3)[None], torch.ones(1, 3, dtype=torch.long), empty_past(cfg, 1)
+    )
+    _, _, kv_b = run(
+        llm_session, b[None], torch.arange(7)[None], torch.ones(1, 7, dtype=torch.long), empty_past(cfg, 1)
+    )
     past = np.full(kv_b.shape[:2] + (2,) + kv_b.shape[3:], 7.0, np.float32)  # finite garbage
     past[:, :, 0:1, :, :3], past[:, :, 1:2] = kv_a, kv_b
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 1], [1] * 8])
     new = rows(2, 5)
     text, audio, _ = run(llm_session, new[:, None], torch.tensor([[3], [7]]), mask, past)
     for i, seq in enumerate((a, b)):
-        ref_t, ref_a = tiny_model(torch.cat([seq, new[i:i + 1]])[None], last_only=True)
+        ref_t, ref_a = tiny_model(torch.cat([seq, new[i : i + 1]])[None], last_only=True)
         np.testing.assert_allclose(text[i], ref_t[0].numpy(), atol=LOGIT_ATOL, rtol=0)
         np.testing.assert_allclose(audio[i], ref_a[0].numpy(), atol=LOGIT_ATOL, rtol=0)
 

@@ -29,9 +29,12 @@ def small_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("small") / "small.onnx"
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "small",
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "small",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -52,8 +55,9 @@ def test_llm_profiles_are_self_consistent(tiny_model):
 
 @pytest.mark.slow
 def test_tiny_llm_graph_builds_into_an_engine(tiny_llm_onnx, tiny_model, tmp_path):
-    info = build_engine(tiny_llm_onnx.path, tmp_path / "llm.plan", llm_profiles(tiny_model.config, 4, 256),
-                        precision="fp32")
+    info = build_engine(
+        tiny_llm_onnx.path, tmp_path / "llm.plan", llm_profiles(tiny_model.config, 4, 256), precision="fp32"
+    )
     assert info.backend == BACKEND and info.precision == "fp32"
     assert info.strongly_typed and info.flags == []  # fp32 graph built as fp32: no precision flag
     assert (tmp_path / "llm.plan").stat().st_size == info.bytes > 1_000_000
@@ -65,8 +69,7 @@ def test_tiny_llm_graph_builds_into_an_engine(tiny_llm_onnx, tiny_model, tmp_pat
 def test_fp16_llm_graph_builds_as_fp16(tiny_llm_onnx_fp16, tiny_model, tmp_path):
     onnx16 = tiny_llm_onnx_fp16
     assert graph_float_type(onnx16.path) == TensorProto.FLOAT16
-    info = build_engine(onnx16.path, tmp_path / "llm16.plan", llm_profiles(tiny_model.config, 2, 64),
-                        precision="fp16")
+    info = build_engine(onnx16.path, tmp_path / "llm16.plan", llm_profiles(tiny_model.config, 2, 64), precision="fp16")
     assert info.strongly_typed and info.flags == [] and info.bytes > 1_000_000
 
 
@@ -81,12 +84,15 @@ def test_precision_rules(small_onnx, tmp_path):
         build_engine(small_onnx, tmp_path / "b.plan", {"x": ((1, 8), (2, 8), (4, 8))}, precision="int8")
 
 
-@pytest.mark.parametrize("profile, message", [
-    ({}, "no shapes for dynamic input 'x'"),
-    ({"x": ((1, 8), (2, 8), (4, 8)), "z": ((1,), (1,), (1,))}, r"names \['z'\]"),
-    ({"x": ((4, 8), (2, 8), (1, 8))}, "min <= opt <= max"),
-    ({"x": ((1, 9), (2, 9), (4, 9))}, "does not fit"),
-])
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        ({}, "no shapes for dynamic input 'x'"),
+        ({"x": ((1, 8), (2, 8), (4, 8)), "z": ((1,), (1,), (1,))}, r"names \['z'\]"),
+        ({"x": ((4, 8), (2, 8), (1, 8))}, "min <= opt <= max"),
+        ({"x": ((1, 9), (2, 9), (4, 9))}, "does not fit"),
+    ],
+)
 def test_bad_profiles_are_named(small_onnx, tmp_path, profile, message):
     with pytest.raises(ValueError, match=message):
         build_engine(small_onnx, tmp_path / "x.plan", profile, precision="fp32")

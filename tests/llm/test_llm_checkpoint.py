@@ -17,9 +17,21 @@ from moss_speech.builders.llm.tokenizer import load_tokenizer
 
 def test_tiny_checkpoint_is_in_the_real_layout(tiny_dir):
     raw = json.loads((tiny_dir / "config.json").read_text())
-    for field in ("num_shared_layers", "num_modality_layers", "audio_vocab_size", "sosp_token_id",
-                  "eosp_token_id", "modality_pad_token_id", "audio_pad_token_id", "channels", "rope_theta",
-                  "head_dim", "vocab_size", "model_type", "architectures"):
+    for field in (
+        "num_shared_layers",
+        "num_modality_layers",
+        "audio_vocab_size",
+        "sosp_token_id",
+        "eosp_token_id",
+        "modality_pad_token_id",
+        "audio_pad_token_id",
+        "channels",
+        "rope_theta",
+        "head_dim",
+        "vocab_size",
+        "model_type",
+        "architectures",
+    ):
         assert field in raw, field
     assert raw["model_type"] == "moss_speech" and raw["architectures"] == ["MossSpeechForCausalLM"]
     index = json.loads((tiny_dir / INDEX_NAME).read_text())
@@ -34,8 +46,13 @@ def test_tiny_checkpoint_is_in_the_real_layout(tiny_dir):
                 total += t.numel() * 2
     assert index["metadata"]["total_size"] == total
     tok = load_tokenizer(tiny_dir)
-    for token, id_ in [("<|endoftext|>", 151643), ("<|im_start|>", 151644), ("<|im_end|>", 151645),
-                       ("<|object_ref_start|>", 151646), ("<think>", 151667)]:
+    for token, id_ in [
+        ("<|endoftext|>", 151643),
+        ("<|im_start|>", 151644),
+        ("<|im_end|>", 151645),
+        ("<|object_ref_start|>", 151646),
+        ("<think>", 151667),
+    ]:
         assert tok.token_to_id(token) == id_
 
 
@@ -120,16 +137,19 @@ def test_config_that_does_not_fit_the_weights(broken):
         load_model(broken)
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"num_hidden_layers": 37}, "num_hidden_layers"),
-    ({"num_attention_heads": 5}, "num_attention_heads"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads"),
-    ({"channels": 3}, "channels"),
-    ({"sosp_token_id": 10**7}, "sosp_token_id"),
-    ({"eosp_token_id": 20000}, "eosp_token_id"),
-    ({"rope_scaling": {"type": "yarn"}}, "rope_scaling"),
-    ({"hidden_size": "wide"}, "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"num_hidden_layers": 37}, "num_hidden_layers"),
+        ({"num_attention_heads": 5}, "num_attention_heads"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"channels": 3}, "channels"),
+        ({"sosp_token_id": 10**7}, "sosp_token_id"),
+        ({"eosp_token_id": 20000}, "eosp_token_id"),
+        ({"rope_scaling": {"type": "yarn"}}, "rope_scaling"),
+        ({"hidden_size": "wide"}, "hidden_size"),
+    ],
+)
 def test_inconsistent_configs_name_the_field(change, field):
     raw = MossSpeechConfig().model_dump() | change
     with pytest.raises(ConfigError, match=field):

@@ -20,8 +20,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_tiny_checkpoint_then_generate_matches_the_library(tmp_path):
     assert cli("checkpoint", "tiny", "--out", str(tmp_path), "--no-codec", "--seed", "3").returncode == 0
-    out = cli("generate", "--checkpoint", str(tmp_path), "--codes", "5,6,7,8", "--greedy", "--max-new-tokens", "9",
-              "--json")
+    out = cli(
+        "generate", "--checkpoint", str(tmp_path), "--codes", "5,6,7,8", "--greedy", "--max-new-tokens", "9", "--json"
+    )
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     model = MossSpeechForCausalLM.from_pretrained(tmp_path)

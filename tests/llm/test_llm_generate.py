@@ -30,12 +30,15 @@ def forced(cfg, text: int, audio: int):
     return t, a
 
 
-@pytest.mark.parametrize("last_row,mode", [
-    ((MPAD, 77), "audio"),  # text channel is the modality pad -> audio
-    ((MPAD, APAD), "audio"),  # the text rule wins over the audio pad
-    ((SOSP, APAD), "text"),  # the spoken-reply prefix starts in text mode ...
-    ((100, APAD), "text"),
-])
+@pytest.mark.parametrize(
+    "last_row,mode",
+    [
+        ((MPAD, 77), "audio"),  # text channel is the modality pad -> audio
+        ((MPAD, APAD), "audio"),  # the text rule wins over the audio pad
+        ((SOSP, APAD), "text"),  # the spoken-reply prefix starts in text mode ...
+        ((100, APAD), "text"),
+    ],
+)
 def test_initial_mode(tiny_model, last_row, mode):
     assert initial_mode(last_row, SpecialTokens.from_config(tiny_model.config)) == mode
 
@@ -75,7 +78,10 @@ def test_audio_mode_writes_the_pad_and_im_end_does_not_stop(tiny_model):
     cfg = tiny_model.config
     s, steps = run_steps(cfg, (SOSP, APAD), [(IM_END_ID, 9), (IM_END_ID, EOSP), (IM_END_ID, 3)])
     assert [(st.mode, st.text_token, st.audio_token) for st in steps] == [
-        ("audio", MPAD, 9), ("audio", MPAD, EOSP), ("text", IM_END_ID, 3)]
+        ("audio", MPAD, 9),
+        ("audio", MPAD, EOSP),
+        ("text", IM_END_ID, 3),
+    ]
     assert steps[-1].finished and steps[-1].stop_reason == "stop_token"
     assert not steps[0].finished and not steps[1].finished
 
@@ -211,7 +217,13 @@ def test_invalid_sampling_parameters_are_rejected():
     from pydantic import ValidationError
 
     # temperature 0 alone means greedy (moss_speech.contract.sampling); sampling at temperature 0 is invalid
-    for bad in ({"temperature": -1}, {"temperature": 0, "do_sample": True}, {"top_p": 1.5}, {"top_k": -1},
-                {"max_new_tokens": 0}, {"unknown": 1}):
+    for bad in (
+        {"temperature": -1},
+        {"temperature": 0, "do_sample": True},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_new_tokens": 0},
+        {"unknown": 1},
+    ):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)

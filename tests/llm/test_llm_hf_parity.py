@@ -15,13 +15,21 @@ transformers = pytest.importorskip("transformers")
 
 def hf_twin(model, tail: str, dtype: torch.dtype):
     cfg = model.config
-    kw = dict(vocab_size=cfg.vocab_size if tail == "text" else cfg.audio_vocab_size,
-              hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-              num_hidden_layers=cfg.num_shared_layers + cfg.num_modality_layers,
-              num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-              head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-              tie_word_embeddings=False, attention_bias=False, rope_theta=cfg.rope_theta,
-              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    kw = dict(
+        vocab_size=cfg.vocab_size if tail == "text" else cfg.audio_vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_shared_layers + cfg.num_modality_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
     hf_cfg = transformers.Qwen3Config(**kw)
     hf_cfg._attn_implementation = "eager"
     hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()

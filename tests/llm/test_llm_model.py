@@ -26,11 +26,17 @@ def test_layout_matches_the_real_key_names(tiny_model):
     cfg = tiny_model.config
     keys = set(tiny_model.state_dict())
     assert len(keys) == 2 + 11 * cfg.num_layer_instances + 2 + 2
-    for key in ("model.embed_tokens.weight", "model.audio_embed.weight", "model.text_norm.weight",
-                "model.audio_norm.weight", "text_lm_head.weight", "audio_lm_head.weight",
-                "model.shared_block.layers.0.self_attn.q_norm.weight",
-                "model.text_block.layers.0.mlp.gate_proj.weight",
-                f"model.audio_block.layers.{cfg.num_modality_layers - 1}.post_attention_layernorm.weight"):
+    for key in (
+        "model.embed_tokens.weight",
+        "model.audio_embed.weight",
+        "model.text_norm.weight",
+        "model.audio_norm.weight",
+        "text_lm_head.weight",
+        "audio_lm_head.weight",
+        "model.shared_block.layers.0.self_attn.q_norm.weight",
+        "model.text_block.layers.0.mlp.gate_proj.weight",
+        f"model.audio_block.layers.{cfg.num_modality_layers - 1}.post_attention_layernorm.weight",
+    ):
         assert key in keys, key
     assert not any("bias" in k for k in keys)
 
@@ -77,12 +83,14 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_model):
     grid = random_grid(cfg, 40, seed=3)[None]
     prefix = 16
     full_text, full_audio = tiny_model(grid)
-    for cache in (ConcatKVCache(cfg.num_layer_instances),
-                  StaticKVCache(cfg.num_layer_instances, 1, cfg.num_key_value_heads, 64, cfg.head_dim)):
+    for cache in (
+        ConcatKVCache(cfg.num_layer_instances),
+        StaticKVCache(cfg.num_layer_instances, 1, cfg.num_key_value_heads, 64, cfg.head_dim),
+    ):
         text, audio = tiny_model(grid[:, :prefix], cache=cache)
         torch.testing.assert_close(text, full_text[:, :prefix], atol=ATOL, rtol=0)
         for t in range(prefix, grid.shape[1]):  # 24 single-token steps
-            text, audio = tiny_model(grid[:, t:t + 1], cache=cache, last_only=True)
+            text, audio = tiny_model(grid[:, t : t + 1], cache=cache, last_only=True)
             torch.testing.assert_close(text, full_text[:, t], atol=ATOL, rtol=0)
             torch.testing.assert_close(audio, full_audio[:, t], atol=ATOL, rtol=0)
 

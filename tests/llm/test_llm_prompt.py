@@ -30,8 +30,7 @@ def segments(builder, grid):
 
 
 def test_two_turn_conversation_rows(prompt_builder):
-    turns = [Turn("user", codes=[11, 22, 33]), Turn("assistant", text="Hello there."),
-             Turn("user", codes=[44])]
+    turns = [Turn("user", codes=[11, 22, 33]), Turn("assistant", text="Hello there."), Turn("user", codes=[44])]
     grid = prompt_builder.build(turns, "speech")
     assert grid.dtype == torch.long and grid.shape[1] == 2
     sys_text = DEFAULT_SYSTEM_PROMPTS["speech"]
@@ -45,8 +44,13 @@ def test_two_turn_conversation_rows(prompt_builder):
     ]
     # The audio turn's n + 2 rows: [SOSP, pad x (n+1)] over [512, codes..., EOSP]
     first_sosp = grid[:, 0].tolist().index(SOSP)
-    assert grid[first_sosp:first_sosp + 5].tolist() == [
-        [SOSP, APAD], [MPAD, 11], [MPAD, 22], [MPAD, 33], [MPAD, EOSP]]
+    assert grid[first_sosp : first_sosp + 5].tolist() == [
+        [SOSP, APAD],
+        [MPAD, 11],
+        [MPAD, 22],
+        [MPAD, 33],
+        [MPAD, EOSP],
+    ]
     assert grid[0].tolist() == [IM_START, APAD]
     assert grid[-1].tolist() == [SOSP, APAD]  # spoken reply prefix ends with [SOSP, 512]
 
@@ -54,14 +58,14 @@ def test_two_turn_conversation_rows(prompt_builder):
 def test_text_reply_and_explicit_system_prompt(prompt_builder):
     grid = prompt_builder.build([Turn("user", text="hi")], "text", system_prompt="Be brief.")
     assert segments(prompt_builder, grid) == [
-        ("text", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-                 "<|im_start|>assistant\n")]
+        ("text", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    ]
 
 
 def test_generated_rows_as_history(prompt_builder):
     rows = torch.tensor([[MPAD, 5], [MPAD, EOSP], [IM_END, 9]])
     grid = prompt_builder.build([Turn("assistant", rows=rows)], "text", system_prompt="s")
-    assert any(torch.equal(grid[i:i + 3], rows) for i in range(grid.shape[0] - 2))
+    assert any(torch.equal(grid[i : i + 3], rows) for i in range(grid.shape[0] - 2))
 
 
 def test_bad_codes_and_turns_are_rejected(prompt_builder):

@@ -17,11 +17,27 @@ from moss_speech.builders.llm.tokens import SpecialTokens
 from moss_speech.model_repository.runtime.scheduler import Engine, Request
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 
-REAL = dict(stop_ids=(151643, 151645), text_pad_id=151643, sosp_id=151646, modality_pad_id=151667, eosp_id=16384,
-            audio_pad_id=512, im_start_id=151644, im_end_id=151645)
+REAL = dict(
+    stop_ids=(151643, 151645),
+    text_pad_id=151643,
+    sosp_id=151646,
+    modality_pad_id=151667,
+    eosp_id=16384,
+    audio_pad_id=512,
+    im_start_id=151644,
+    im_end_id=151645,
+)
 # write_tiny_checkpoint(small_vocab=True): 256 byte tokens, then Qwen's special tokens in their order
-SMALL = dict(stop_ids=(256, 258), text_pad_id=256, sosp_id=259, modality_pad_id=280, eosp_id=16384, audio_pad_id=512,
-             im_start_id=257, im_end_id=258)
+SMALL = dict(
+    stop_ids=(256, 258),
+    text_pad_id=256,
+    sosp_id=259,
+    modality_pad_id=280,
+    eosp_id=16384,
+    audio_pad_id=512,
+    im_start_id=257,
+    im_end_id=258,
+)
 
 
 def copy_ckpt(src, dst, **edits):
@@ -55,32 +71,40 @@ def test_small_vocab_checkpoint_is_consistent(tiny_small_dir):
     assert tokens == SpecialTokens(**SMALL)
     assert cfg.vocab_size == 288 and tok.get_vocab_size() <= cfg.vocab_size
     # config.json, generation_config.json and the tokenizer agree on every id
-    assert (cfg.sosp_token_id, cfg.modality_pad_token_id) == (tok.token_to_id("<|object_ref_start|>"),
-                                                              tok.token_to_id("<think>"))
+    assert (cfg.sosp_token_id, cfg.modality_pad_token_id) == (
+        tok.token_to_id("<|object_ref_start|>"),
+        tok.token_to_id("<think>"),
+    )
     assert cfg.bos_token_id == gen["bos_token_id"] == gen["pad_token_id"] == tok.token_to_id("<|endoftext|>")
     assert cfg.eos_token_id == tok.token_to_id("<|im_end|>")
     assert gen["eos_token_id"] == [tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")]
     assert load_model(tiny_small_dir).text_lm_head.weight.shape[0] == 288
 
 
-@pytest.mark.parametrize("gen_eos,config_eos,want", [
-    (258, 258, (258, 256)),  # an int; <|endoftext|> and <|im_end|> always stop (the reference loop)
-    ([258], 258, (258, 256)),
-    ([260, 258], 258, (260, 258, 256)),  # a declared extra stop id is honoured
-    (None, [261, 258], (261, 258, 256)),  # no generation_config.json: config.json's list
-])
+@pytest.mark.parametrize(
+    "gen_eos,config_eos,want",
+    [
+        (258, 258, (258, 256)),  # an int; <|endoftext|> and <|im_end|> always stop (the reference loop)
+        ([258], 258, (258, 256)),
+        ([260, 258], 258, (260, 258, 256)),  # a declared extra stop id is honoured
+        (None, [261, 258], (261, 258, 256)),  # no generation_config.json: config.json's list
+    ],
+)
 def test_stop_ids_from_generation_config_then_config(tiny_small_dir, tmp_path, gen_eos, config_eos, want):
     gen = None if gen_eos is None else {"eos_token_id": gen_eos}
     d = copy_ckpt(tiny_small_dir, tmp_path / "c", config={"eos_token_id": config_eos}, generation_config=gen)
     assert SpecialTokens.from_dir(d).stop_ids == want
 
 
-@pytest.mark.parametrize("edits,match", [
-    ({"generation_config": {"eos_token_id": [400]}}, r"stop id 400 is outside the text vocabulary \[0, 288\)"),
-    ({"generation_config": {"eos_token_id": [280]}}, "modality pad id 280 is also a stop id"),
-    ({"config": {"sosp_token_id": 280}}, "sosp and modality pad share id 280"),
-    ({"generation_config": "not json"}, "generation_config.json is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "edits,match",
+    [
+        ({"generation_config": {"eos_token_id": [400]}}, r"stop id 400 is outside the text vocabulary \[0, 288\)"),
+        ({"generation_config": {"eos_token_id": [280]}}, "modality pad id 280 is also a stop id"),
+        ({"config": {"sosp_token_id": 280}}, "sosp and modality pad share id 280"),
+        ({"generation_config": "not json"}, "generation_config.json is not valid JSON"),
+    ],
+)
 def test_bad_ids_are_clear_errors(tiny_small_dir, tmp_path, edits, match):
     raw = edits.pop("generation_config", ...)
     d = copy_ckpt(tiny_small_dir, tmp_path / "c", **edits)
@@ -136,8 +160,11 @@ def test_fsm_switches_and_stops_on_the_checkpoint_ids(request, ckpt, other):
         if s.finished:
             break
     assert [(st.mode, st.text_token) for st in steps] == [
-        ("audio", tokens.modality_pad_id), ("audio", tokens.modality_pad_id), ("text", other_end),
-        ("text", tokens.im_end_id)]
+        ("audio", tokens.modality_pad_id),
+        ("audio", tokens.modality_pad_id),
+        ("text", other_end),
+        ("text", tokens.im_end_id),
+    ]
     assert s.stop_reason == "stop_token" and steps[-1].finished
 
 
@@ -164,8 +191,15 @@ def test_small_vocab_generation_stops_on_its_end_token(stopping_small):
     # the scheduler (what the llm model runs inside tritonserver) agrees row for row and closes the turn
     engine = Engine(TorchLLMRuntime(model, max_slots=1, max_context=256), b)
     updates = []
-    engine.submit(Request("x", Turn("user", codes=[1, 2, 3]), "speech",
-                          params=SamplingParams.greedy(max_new_tokens=40, min_new_tokens=4)), updates.append)
+    engine.submit(
+        Request(
+            "x",
+            Turn("user", codes=[1, 2, 3]),
+            "speech",
+            params=SamplingParams.greedy(max_new_tokens=40, min_new_tokens=4),
+        ),
+        updates.append,
+    )
     while not (updates and updates[-1].final):
         engine.step()
     assert [list(r) for u in updates for r in u.rows] == res.rows.tolist()

@@ -83,12 +83,20 @@ class OtlpReceiver:
                 res = {a.key: value(a.value) for a in rs.resource.attributes}
                 for ss in rs.scope_spans:
                     for s in ss.spans:
-                        self.spans.append(Span(str(res.get("service.name", "")), s.name, s.trace_id.hex(),
-                                               s.span_id.hex(), s.parent_span_id.hex(),
-                                               {a.key: value(a.value) for a in s.attributes}))
+                        self.spans.append(
+                            Span(
+                                str(res.get("service.name", "")),
+                                s.name,
+                                s.trace_id.hex(),
+                                s.span_id.hex(),
+                                s.parent_span_id.hex(),
+                                {a.key: value(a.value) for a in s.attributes},
+                            )
+                        )
 
     def _add_json(self, req: dict[str, Any]) -> None:
         """OTLP/JSON: ids are hex strings, attribute values {"stringValue": ...}."""
+
         def attrs(items: list[dict[str, Any]]) -> dict[str, Any]:
             return {a["key"]: next(iter(a.get("value", {}).values()), None) for a in items}
 
@@ -97,9 +105,16 @@ class OtlpReceiver:
                 res = attrs(rs.get("resource", {}).get("attributes", []))
                 for ss in rs.get("scopeSpans", rs.get("instrumentationLibrarySpans", [])):
                     for s in ss.get("spans", []):
-                        self.spans.append(Span(str(res.get("service.name", "")), s["name"], s["traceId"].lower(),
-                                               s["spanId"].lower(), s.get("parentSpanId", "").lower(),
-                                               attrs(s.get("attributes", []))))
+                        self.spans.append(
+                            Span(
+                                str(res.get("service.name", "")),
+                                s["name"],
+                                s["traceId"].lower(),
+                                s["spanId"].lower(),
+                                s.get("parentSpanId", "").lower(),
+                                attrs(s.get("attributes", [])),
+                            )
+                        )
 
     def snapshot(self) -> list[Span]:
         with self._lock:
@@ -113,15 +128,18 @@ class OtlpReceiver:
 class Prometheus:
     """Debian's prometheus binary on loopback with its own config and storage (never the system service)."""
 
-    def __init__(self, workdir: Path, port: int, targets: dict[str, tuple[str, dict[str, str]]],
-                 rule_files: list[Path] = ()) -> None:
+    def __init__(
+        self, workdir: Path, port: int, targets: dict[str, tuple[str, dict[str, str]]], rule_files: list[Path] = ()
+    ) -> None:
         self.binary = shutil.which("prometheus")
         self.port, self.workdir = port, workdir
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [addr], "labels": labels}]}
-                               for job, (addr, labels) in targets.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [addr], "labels": labels}]}
+                for job, (addr, labels) in targets.items()
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
@@ -133,9 +151,15 @@ class Prometheus:
     def start(self) -> Prometheus:
         self.log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [self.binary, f"--config.file={self.workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                self.binary,
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -210,8 +234,12 @@ def adapter_queries(config: dict[str, Any], namespace: str, pods: list[str]) -> 
     matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
     for rule in config["rules"]:
         series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"])[0]
-        expr = (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
-                .replace("<<.GroupBy>>", "pod"))
+        expr = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", "pod")
+        )
         out.append(Query("adapter", rule["name"]["as"], expr))
         out.append(Query("adapter", f"{rule['name']['as']} (seriesQuery)", rule["seriesQuery"]))
     return out

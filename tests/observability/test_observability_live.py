@@ -47,9 +47,18 @@ def receiver() -> Iterator[OtlpReceiver]:
 def triton(cpu_repo, receiver) -> Iterator[TritonServer]:
     if not tritonserver_available():
         pytest.skip("no tritonserver")
-    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, model_control_mode="explicit",
-                       load_models=MODELS, ready_timeout=240, stop_timeout=20, trace_otlp_url=receiver.url,
-                       extra_args=["--trace-config=opentelemetry,bsp_schedule_delay=200"])
+    srv = TritonServer(
+        cpu_repo,
+        http_port=None,
+        grpc_port=None,
+        metrics_port=None,
+        model_control_mode="explicit",
+        load_models=MODELS,
+        ready_timeout=240,
+        stop_timeout=20,
+        trace_otlp_url=receiver.url,
+        extra_args=["--trace-config=opentelemetry,bsp_schedule_delay=200"],
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -59,15 +68,24 @@ def triton(cpu_repo, receiver) -> Iterator[TritonServer]:
 def service(triton, receiver, tmp_path_factory) -> Iterator[dict]:
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("obs-service") / "service.log"
-    env = {**os.environ, "MOSS_SPEECH_TRITON_URL": triton.grpc_url, "MOSS_SPEECH_GRPC_PORT": str(port),
-           "MOSS_SPEECH_METRICS_PORT": str(metrics_port), "MOSS_SPEECH_LOG_FORMAT": "json",
-           "MOSS_SPEECH_PLAINTEXT": "true", "MOSS_SPEECH_AUTH": "none",
-           "MOSS_SPEECH_MAX_NEW_TOKENS": "16", "MOSS_SPEECH_REQUEST_TIMEOUT_SECONDS": "3",
-           "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3", "MOSS_SPEECH_OTLP_ENDPOINT": receiver.url,
-           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    env = {
+        **os.environ,
+        "MOSS_SPEECH_TRITON_URL": triton.grpc_url,
+        "MOSS_SPEECH_GRPC_PORT": str(port),
+        "MOSS_SPEECH_METRICS_PORT": str(metrics_port),
+        "MOSS_SPEECH_LOG_FORMAT": "json",
+        "MOSS_SPEECH_PLAINTEXT": "true",
+        "MOSS_SPEECH_AUTH": "none",
+        "MOSS_SPEECH_MAX_NEW_TOKENS": "16",
+        "MOSS_SPEECH_REQUEST_TIMEOUT_SECONDS": "3",
+        "MOSS_SPEECH_HEALTH_CHECK_SECONDS": "0.3",
+        "MOSS_SPEECH_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moss_speech.cli.main", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             _wait_serving(f"localhost:{port}", proc, log_path)
             yield {"address": f"localhost:{port}", "metrics_port": metrics_port, "log": log_path}
@@ -110,10 +128,18 @@ def loaded(service, triton, chart, tmp_path_factory) -> Iterator[Prometheus]:
     work = tmp_path_factory.mktemp("prometheus")
     rules = work / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": chart["rule"]["spec"]["groups"]}))
-    prom = Prometheus(work, free_port(), {
-        "orchestrator": (f"127.0.0.1:{service['metrics_port']}", {"namespace": NAMESPACE, "pod": PODS["orchestrator"]}),
-        "triton": (f"127.0.0.1:{triton.metrics_port}", {"namespace": NAMESPACE, "pod": PODS["triton"]}),
-    }, [rules]).start()
+    prom = Prometheus(
+        work,
+        free_port(),
+        {
+            "orchestrator": (
+                f"127.0.0.1:{service['metrics_port']}",
+                {"namespace": NAMESPACE, "pod": PODS["orchestrator"]},
+            ),
+            "triton": (f"127.0.0.1:{triton.metrics_port}", {"namespace": NAMESPACE, "pod": PODS["triton"]}),
+        },
+        [rules],
+    ).start()
     try:
         stats = run_load(service["address"])
         time.sleep(4)  # a few more scrapes after the load
@@ -149,8 +175,9 @@ def run_load(address: str) -> dict[str, int]:
     with grpc.insecure_channel(address) as ch:
         stub = speech_pb2_grpc.MossSpeechStub(ch)
         call(stub, text="   ")  # INVALID_ARGUMENT
-        call(stub, text="Tell me a long story.",
-             sampling=speech_pb2.Sampling(max_new_tokens=1000, min_new_tokens=1000))  # DEADLINE_EXCEEDED
+        call(
+            stub, text="Tell me a long story.", sampling=speech_pb2.Sampling(max_new_tokens=1000, min_new_tokens=1000)
+        )  # DEADLINE_EXCEEDED
     stop_at = time.monotonic() + LOAD_SECONDS
     threads = [threading.Thread(target=client, args=(stop_at,)) for _ in range(2)]
     for t in threads:
@@ -161,8 +188,11 @@ def run_load(address: str) -> dict[str, int]:
 
 
 def chart_queries(chart: dict) -> list[Query]:
-    return (dashboard_queries(json.loads(DASHBOARD.read_text())) + alert_queries(chart["rule"])
-            + adapter_queries(chart["adapter"], NAMESPACE, list(PODS.values())))
+    return (
+        dashboard_queries(json.loads(DASHBOARD.read_text()))
+        + alert_queries(chart["rule"])
+        + adapter_queries(chart["adapter"], NAMESPACE, list(PODS.values()))
+    )
 
 
 def test_every_chart_query_returns_data(loaded: Prometheus, chart: dict) -> None:
@@ -180,8 +210,10 @@ def test_every_chart_query_returns_data(loaded: Prometheus, chart: dict) -> None
             failures.append(f"{q.source} {q.name}: no data: {q.expr}")
         checked += 1
         gpu_only += q.needs_gpu
-    print(f"\nchart queries checked against the live Prometheus: {checked} "
-          f"({gpu_only} need a GPU/DCGM and may be empty); load: {loaded.stats}")
+    print(
+        f"\nchart queries checked against the live Prometheus: {checked} "
+        f"({gpu_only} need a GPU/DCGM and may be empty); load: {loaded.stats}"
+    )
     assert not failures, "\n".join(failures)
 
 

@@ -25,8 +25,9 @@ async def _serve_tls(tmp: Path, client_ca: bytes | None = None) -> tuple[grpc.ai
     servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     await _set_serving(servicer)
-    creds = grpc.ssl_server_credentials([(server_cert.key, server_cert.cert)], root_certificates=client_ca,
-                                        require_client_auth=client_ca is not None)
+    creds = grpc.ssl_server_credentials(
+        [(server_cert.key, server_cert.cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
     port = server.add_secure_port(f"127.0.0.1:{free_port()}", creds)
     await server.start()
     return server, port

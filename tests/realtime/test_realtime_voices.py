@@ -26,16 +26,19 @@ def set_voice(voice: str) -> dict:
     return {"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": voice}}}}
 
 
-ASK = {"type": "conversation.item.create",
-       "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}}
+ASK = {
+    "type": "conversation.item.create",
+    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]},
+}
 
 
 def test_created_voice_is_used_and_unknown_voice_is_an_error(realtime_stack, tmp_path):
     rec = espeak(tmp_path / "m3.wav", voice="en+m3")
     with grpc.insecure_channel(f"127.0.0.1:{realtime_stack.service_port}") as ch:
         stub = speech_pb2_grpc.MossSpeechStub(ch)
-        voice = stub.CreateVoice(pb.CreateVoiceRequest(name="m3", audio=pb.AudioInput(data=rec.read_bytes())),
-                                 timeout=300).voice_id
+        voice = stub.CreateVoice(
+            pb.CreateVoiceRequest(name="m3", audio=pb.AudioInput(data=rec.read_bytes())), timeout=300
+        ).voice_id
 
         async def main():
             async with connect(realtime_stack) as conn:  # after CreateVoice: the gateway lists voices on connect

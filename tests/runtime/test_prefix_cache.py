@@ -28,9 +28,15 @@ def conversation(engine: Engine, turns: int, system_prompt: str | None = None, t
     seed = ord(tag[0])
     for i in range(turns):
         codes = [(11 * i + 7 * seed + k) % 900 for k in range(5 + i)]
-        req = Request(f"{tag}{i}", Turn("user", codes=codes), "speech",
-                      history=history, params=SamplingParams.greedy(max_new_tokens=12), system_prompt=system_prompt,
-                      session_id=tag)
+        req = Request(
+            f"{tag}{i}",
+            Turn("user", codes=codes),
+            "speech",
+            history=history,
+            params=SamplingParams.greedy(max_new_tokens=12),
+            system_prompt=system_prompt,
+            session_id=tag,
+        )
         (c,) = run(engine, [req])
         final = c.updates[-1]
         assert final.error is None and final.turn_rows is not None

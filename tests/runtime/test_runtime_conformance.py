@@ -47,8 +47,9 @@ def _tiny_llm_engine(tiny_dir: str, max_batch: int, max_context: int) -> str:
     onnx_path = Path(_tiny_llm_onnx(tiny_dir))
     cfg = MossSpeechForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).config
     engine = onnx_path.with_name(f"llm-b{max_batch}-c{max_context}.plan")
-    return build_engine(onnx_path, engine, llm_profiles(cfg, max_batch, max_context), precision="fp32",
-                        backend="tensorrt").path
+    return build_engine(
+        onnx_path, engine, llm_profiles(cfg, max_batch, max_context), precision="fp32", backend="tensorrt"
+    ).path
 
 
 def tensorrt_runtime(tiny_dir, tiny_model, **kw):
@@ -86,11 +87,10 @@ def test_prefill_and_decode_match_full_recompute(make_runtime, tiny_model, promp
     seqs = {s: p for s, p in zip(slots, ps, strict=True)}
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        rows = torch.stack([torch.randint(0, 5000, (len(order),), generator=g),
-                            torch.full((len(order),), 512)], dim=-1)
+        rows = torch.stack([torch.randint(0, 5000, (len(order),), generator=g), torch.full((len(order),), 512)], dim=-1)
         text, audio = rt.decode(order, rows)
         for i, s in enumerate(order):
-            seqs[s] = torch.cat([seqs[s], rows[i:i + 1]])
+            seqs[s] = torch.cat([seqs[s], rows[i : i + 1]])
             ref_t, ref_a = tiny_model(seqs[s][None], last_only=True)
             torch.testing.assert_close(text[i], ref_t[0], atol=ATOL, rtol=0)
             torch.testing.assert_close(audio[i], ref_a[0], atol=ATOL, rtol=0)

@@ -43,8 +43,13 @@ def run(engine, requests):
 
 
 def speech_request(i, n_new=14, **kw):
-    return Request(f"r{i}", Turn("user", codes=[(7 * i + k) % 1000 for k in range(3 + 2 * i)]), "speech",
-                   params=SamplingParams.greedy(max_new_tokens=n_new), **kw)
+    return Request(
+        f"r{i}",
+        Turn("user", codes=[(7 * i + k) % 1000 for k in range(3 + 2 * i)]),
+        "speech",
+        params=SamplingParams.greedy(max_new_tokens=n_new),
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -59,7 +64,7 @@ def test_served_answer_equals_in_process_generation(tiny_model, prompt_builder):
     assert final.final and final.usage["generated_tokens"] == len(ref.steps)
     assert final.usage["prompt_tokens"] == prompt.shape[0] and final.usage["stop_reason"] == ref.stop_reason
     # the speech windows cover every generated code exactly once, in order
-    chunks = [w.tokens[w.n_context:w.n_context + w.n_chunk] for u in c.updates for w in u.windows]
+    chunks = [w.tokens[w.n_context : w.n_context + w.n_chunk] for u in c.updates for w in u.windows]
     assert [t for ch in chunks for t in ch] == ref.speech_codes
     assert chunks[0] and len(chunks[0]) == engine.streaming.first_chunk_tokens
     assert engine.runtime.free_slots == 4
@@ -107,8 +112,9 @@ def test_history_rows_extend_the_next_prompt(tiny_model, prompt_builder):
     first = speech_request(1, n_new=6)
     (c1,) = run(engine, [first])
     history = c1.updates[-1].turn_rows
-    second = Request("r2", Turn("user", text="and then?"), "text", history=history,
-                     params=SamplingParams.greedy(max_new_tokens=5))
+    second = Request(
+        "r2", Turn("user", text="and then?"), "text", history=history, params=SamplingParams.greedy(max_new_tokens=5)
+    )
     (c2,) = run(engine, [second])
     expected_prompt = torch.cat([history, prompt_builder.continue_conversation(None, second.turn, "text")])
     assert c2.updates[-1].usage["prompt_tokens"] == expected_prompt.shape[0]

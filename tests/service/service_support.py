@@ -36,8 +36,12 @@ SERVICE_ENV = {
 
 
 def start_triton(repo: Path, **ports: int | None) -> TritonServer:
-    srv = TritonServer(repo, ready_timeout=180, stop_timeout=20,
-                       **{"http_port": None, "grpc_port": None, "metrics_port": None, **ports})
+    srv = TritonServer(
+        repo,
+        ready_timeout=180,
+        stop_timeout=20,
+        **{"http_port": None, "grpc_port": None, "metrics_port": None, **ports},
+    )
     return srv.start()
 
 
@@ -52,8 +56,14 @@ class ServiceProcess:
     def __init__(self, triton_url: str, log_path: Path, **env: str) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = log_path
-        self.env = {**os.environ, **SERVICE_ENV, **env, "MOSS_SPEECH_TRITON_URL": triton_url,
-                    "MOSS_SPEECH_GRPC_PORT": str(self.port), "MOSS_SPEECH_METRICS_PORT": str(self.metrics_port)}
+        self.env = {
+            **os.environ,
+            **SERVICE_ENV,
+            **env,
+            "MOSS_SPEECH_TRITON_URL": triton_url,
+            "MOSS_SPEECH_GRPC_PORT": str(self.port),
+            "MOSS_SPEECH_METRICS_PORT": str(self.metrics_port),
+        }
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -62,8 +72,12 @@ class ServiceProcess:
 
     def start(self, wait_serving: bool = True) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moss_speech.cli.main", "serve"], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moss_speech.cli.main", "serve"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         if wait_serving:
             self.wait_health("SERVING", timeout=60)
         return self

@@ -26,8 +26,10 @@ from moss_speech.services.api import speech_pb2_grpc
 pytestmark = pytest.mark.slow
 
 C = grpc.StatusCode
-LEAKS = re.compile(r"0x[0-9a-fA-F]{4,}|object at|Traceback|KeyError|(?:/[\w.@-]+){2,}|\b[\w.-]+:\d{3,5}\b"
-                   r"|(?<![\w-])(s2s|t2s|llm|vocoder|speech_encoder|ensemble)(?![\w-])|_io\.")
+LEAKS = re.compile(
+    r"0x[0-9a-fA-F]{4,}|object at|Traceback|KeyError|(?:/[\w.@-]+){2,}|\b[\w.-]+:\d{3,5}\b"
+    r"|(?<![\w-])(s2s|t2s|llm|vocoder|speech_encoder|ensemble)(?![\w-])|_io\."
+)
 
 
 def wav(samples: np.ndarray, rate: int, channels: int = 1) -> bytes:
@@ -65,21 +67,22 @@ CONVERSE_CASES = {
     "1-sample WAV at 44.1 kHz": (converse(audio=audio(wav(np.array([0.1], np.float32), 44100))), C.INVALID_ARGUMENT),
     "WAV claiming 2^31-1 Hz": (converse(audio=audio(wav_claiming_rate(2**31 - 1))), C.INVALID_ARGUMENT),
     "WAV claiming 1 Hz": (converse(audio=audio(wav_claiming_rate(1))), C.INVALID_ARGUMENT),
-    "WAV with 16 channels": (converse(audio=audio(wav(np.zeros(16000 * 16, np.float32), 16000, 16))),
-                             C.INVALID_ARGUMENT),
+    "WAV with 16 channels": (
+        converse(audio=audio(wav(np.zeros(16000 * 16, np.float32), 16000, 16))),
+        C.INVALID_ARGUMENT,
+    ),
     "raw PCM16 without rate": (converse(audio=audio(b"\x00" * 3200, PCM16)), C.INVALID_ARGUMENT),
     "raw PCM16 odd bytes": (converse(audio=audio(b"\x00" * 3201, PCM16, 16000)), C.INVALID_ARGUMENT),
     "raw PCM16 negative rate": (converse(audio=audio(b"\x00" * 3200, PCM16, -16000)), C.INVALID_ARGUMENT),
     "raw PCM16 1000 channels": (converse(audio=audio(b"\x00" * 32000, PCM16, 16000, 1000)), C.INVALID_ARGUMENT),
-    "raw float32 NaN": (converse(audio=audio(np.full(16000, np.nan, "<f4").tobytes(), F32, 16000)),
-                        C.INVALID_ARGUMENT),
-    "raw float32 Inf": (converse(audio=audio(np.full(16000, np.inf, "<f4").tobytes(), F32, 16000)),
-                        C.INVALID_ARGUMENT),
+    "raw float32 NaN": (converse(audio=audio(np.full(16000, np.nan, "<f4").tobytes(), F32, 16000)), C.INVALID_ARGUMENT),
+    "raw float32 Inf": (converse(audio=audio(np.full(16000, np.inf, "<f4").tobytes(), F32, 16000)), C.INVALID_ARGUMENT),
     "unknown encoding": (converse(audio=audio(b"\x00" * 3200, 99, 16000)), C.INVALID_ARGUMENT),
-    "audio over max_audio_seconds": (converse(audio=audio(b"\x00" * 2 * 8000 * 6, PCM16, 8000)),
-                                     C.RESOURCE_EXHAUSTED),
-    "message over max_message_bytes": (converse(audio=audio(b"\x00" * (2 * 1024 * 1024), PCM16, 16000)),
-                                       C.RESOURCE_EXHAUSTED),
+    "audio over max_audio_seconds": (converse(audio=audio(b"\x00" * 2 * 8000 * 6, PCM16, 8000)), C.RESOURCE_EXHAUSTED),
+    "message over max_message_bytes": (
+        converse(audio=audio(b"\x00" * (2 * 1024 * 1024), PCM16, 16000)),
+        C.RESOURCE_EXHAUSTED,
+    ),
     "unknown output modality": (converse(text="hi", output=7), C.INVALID_ARGUMENT),
     "voice id of 10k chars": (converse(text="hi", voice="v" * 10000), C.INVALID_ARGUMENT),
     "unknown voice": (converse(text="hi", voice="no-such-voice"), (C.INVALID_ARGUMENT, C.NOT_FOUND)),
@@ -91,14 +94,16 @@ CONVERSE_CASES = {
     "top_k < 0": (converse(text="hi", sampling=pb.Sampling(top_k=-1)), C.INVALID_ARGUMENT),
     "repetition_penalty 0": (converse(text="hi", sampling=pb.Sampling(repetition_penalty=0)), C.INVALID_ARGUMENT),
     "max_new_tokens 0": (converse(text="hi", sampling=pb.Sampling(max_new_tokens=0)), C.INVALID_ARGUMENT),
-    "max_new_tokens 2^31-1": (converse(text="hi", sampling=pb.Sampling(max_new_tokens=2**31 - 1)),
-                              C.INVALID_ARGUMENT),
-    "min_new_tokens > max_new_tokens": (converse(text="hi", sampling=pb.Sampling(max_new_tokens=4,
-                                                                                  min_new_tokens=5)),
-                                        C.INVALID_ARGUMENT),
+    "max_new_tokens 2^31-1": (converse(text="hi", sampling=pb.Sampling(max_new_tokens=2**31 - 1)), C.INVALID_ARGUMENT),
+    "min_new_tokens > max_new_tokens": (
+        converse(text="hi", sampling=pb.Sampling(max_new_tokens=4, min_new_tokens=5)),
+        C.INVALID_ARGUMENT,
+    ),
     "min_new_tokens < 0": (converse(text="hi", sampling=pb.Sampling(min_new_tokens=-1)), C.INVALID_ARGUMENT),
-    "temperature 0 with do_sample": (converse(text="hi", sampling=pb.Sampling(temperature=0, do_sample=True)),
-                                     C.INVALID_ARGUMENT),
+    "temperature 0 with do_sample": (
+        converse(text="hi", sampling=pb.Sampling(temperature=0, do_sample=True)),
+        C.INVALID_ARGUMENT,
+    ),
     "seed 2^64-1": (converse(text="hi", sampling=pb.Sampling(seed=2**64 - 1)), C.INVALID_ARGUMENT),
     "system_prompt over the limit": (converse(text="hi", system_prompt="s" * 4001), C.INVALID_ARGUMENT),
     "unknown session": (converse(text="hi", session_id="0" * 32), C.NOT_FOUND),
@@ -126,23 +131,38 @@ STREAM_CASES = {
     "stream: config twice": ([_cfg(), _cfg()], C.INVALID_ARGUMENT),
     "stream: empty message": ([_cfg(), pb.StreamConverseRequest()], C.INVALID_ARGUMENT),
     "stream: end_of_turn without input": ([_cfg(), EOT], C.INVALID_ARGUMENT),
-    "stream: text then audio": ([_cfg(), pb.StreamConverseRequest(text="hi"),
-                                 pb.StreamConverseRequest(audio=b"\x00\x00")], C.INVALID_ARGUMENT),
-    "stream: text over the limit in pieces": ([_cfg()] + [pb.StreamConverseRequest(text="a" * 50)] * 5 + [EOT],
-                                              C.INVALID_ARGUMENT),
+    "stream: text then audio": (
+        [_cfg(), pb.StreamConverseRequest(text="hi"), pb.StreamConverseRequest(audio=b"\x00\x00")],
+        C.INVALID_ARGUMENT,
+    ),
+    "stream: text over the limit in pieces": (
+        [_cfg()] + [pb.StreamConverseRequest(text="a" * 50)] * 5 + [EOT],
+        C.INVALID_ARGUMENT,
+    ),
     "stream: container audio over the buffer": (
-        [_cfg()] + [pb.StreamConverseRequest(audio=b"\x00" * 1_000_000)] * 20 + [EOT], C.RESOURCE_EXHAUSTED),
+        [_cfg()] + [pb.StreamConverseRequest(audio=b"\x00" * 1_000_000)] * 20 + [EOT],
+        C.RESOURCE_EXHAUSTED,
+    ),
     "stream: raw audio without rate": ([_cfg(input_format=pb.AudioFormat(encoding=PCM16))], C.INVALID_ARGUMENT),
-    "stream: 2 bytes PCM16 at 192 kHz": ([_cfg(input_format=pb.AudioFormat(encoding=PCM16, sample_rate=192000)),
-                                          pb.StreamConverseRequest(audio=b"\x01\x00"), EOT], C.INVALID_ARGUMENT),
-    "stream: 1-sample WAV": ([_cfg(), pb.StreamConverseRequest(audio=wav(np.array([0.1], np.float32), 44100)),
-                              EOT], C.INVALID_ARGUMENT),
-    "stream: WAV claiming 2^31-1 Hz": ([_cfg(), pb.StreamConverseRequest(audio=wav_claiming_rate(2**31 - 1)), EOT],
-                                       C.INVALID_ARGUMENT),
+    "stream: 2 bytes PCM16 at 192 kHz": (
+        [
+            _cfg(input_format=pb.AudioFormat(encoding=PCM16, sample_rate=192000)),
+            pb.StreamConverseRequest(audio=b"\x01\x00"),
+            EOT,
+        ],
+        C.INVALID_ARGUMENT,
+    ),
+    "stream: 1-sample WAV": (
+        [_cfg(), pb.StreamConverseRequest(audio=wav(np.array([0.1], np.float32), 44100)), EOT],
+        C.INVALID_ARGUMENT,
+    ),
+    "stream: WAV claiming 2^31-1 Hz": (
+        [_cfg(), pb.StreamConverseRequest(audio=wav_claiming_rate(2**31 - 1)), EOT],
+        C.INVALID_ARGUMENT,
+    ),
     "stream: unknown session": ([_cfg(session_id="f" * 32)], C.NOT_FOUND),
     "stream: system_prompt over the limit": ([_cfg(system_prompt="s" * 4001)], C.INVALID_ARGUMENT),
-    "stream: max_new_tokens over the cap": ([_cfg(sampling=pb.Sampling(max_new_tokens=100000))],
-                                            C.INVALID_ARGUMENT),
+    "stream: max_new_tokens over the cap": ([_cfg(sampling=pb.Sampling(max_new_tokens=100000))], C.INVALID_ARGUMENT),
 }
 
 
@@ -186,32 +206,52 @@ def test_every_bad_input_gets_the_right_status(service, stub) -> None:
     sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
     session_cases = {
         "GetSession: empty id": (lambda: _rpc(stub, "GetSession", pb.GetSessionRequest()), C.NOT_FOUND),
-        "GetSession: 1 MB id": (lambda: _rpc(stub, "GetSession", pb.GetSessionRequest(session_id="x" * 900_000)),
-                                C.NOT_FOUND),
-        "DeleteSession: unknown": (lambda: _rpc(stub, "DeleteSession", pb.DeleteSessionRequest(session_id="a" * 32)),
-                                   C.NOT_FOUND),
-        "TruncateReply: negative": (lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(
-            session_id=sid, audio_end_ms=-5)), C.INVALID_ARGUMENT),
-        "TruncateReply: no reply yet": (lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(
-            session_id=sid, audio_end_ms=10)), C.FAILED_PRECONDITION),
-        "TruncateReply: unknown session": (lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(
-            session_id="b" * 32)), C.NOT_FOUND),
-        "CreateSession: system_prompt over the limit": (lambda: _rpc(stub, "CreateSession", pb.CreateSessionRequest(
-            system_prompt="s" * 4001)), C.INVALID_ARGUMENT),
+        "GetSession: 1 MB id": (
+            lambda: _rpc(stub, "GetSession", pb.GetSessionRequest(session_id="x" * 900_000)),
+            C.NOT_FOUND,
+        ),
+        "DeleteSession: unknown": (
+            lambda: _rpc(stub, "DeleteSession", pb.DeleteSessionRequest(session_id="a" * 32)),
+            C.NOT_FOUND,
+        ),
+        "TruncateReply: negative": (
+            lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(session_id=sid, audio_end_ms=-5)),
+            C.INVALID_ARGUMENT,
+        ),
+        "TruncateReply: no reply yet": (
+            lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(session_id=sid, audio_end_ms=10)),
+            C.FAILED_PRECONDITION,
+        ),
+        "TruncateReply: unknown session": (
+            lambda: _rpc(stub, "TruncateReply", pb.TruncateReplyRequest(session_id="b" * 32)),
+            C.NOT_FOUND,
+        ),
+        "CreateSession: system_prompt over the limit": (
+            lambda: _rpc(stub, "CreateSession", pb.CreateSessionRequest(system_prompt="s" * 4001)),
+            C.INVALID_ARGUMENT,
+        ),
     }
     for name, (fn, expected) in session_cases.items():
         t.check(name, fn, expected)
     # A malformed protobuf body for every method of the service (new RPCs included).
     with grpc.insecure_channel(service.address) as channel:
         for method in pb.DESCRIPTOR.services_by_name["MossSpeech"].methods:
-            for label, payload in (("truncated varint", b"\x0a\xff\xff\xff"), ("bad wire type", b"\x0f\x01"),
-                                   ("length past the end", b"\x12\x7f\x00")):
-                t.check(f"{method.name}: malformed protobuf ({label})",
-                        _raw(channel, method.name, method.client_streaming, payload), C.INVALID_ARGUMENT)
+            for label, payload in (
+                ("truncated varint", b"\x0a\xff\xff\xff"),
+                ("bad wire type", b"\x0f\x01"),
+                ("length past the end", b"\x12\x7f\x00"),
+            ):
+                t.check(
+                    f"{method.name}: malformed protobuf ({label})",
+                    _raw(channel, method.name, method.client_streaming, payload),
+                    C.INVALID_ARGUMENT,
+                )
     stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=10)
 
-    print(f"\nADVERSARIAL: {t.tried} bad inputs tried, {t.right} answered with the right status; "
-          f"wrong: {t.wrong}; leaks: {t.leaks}")
+    print(
+        f"\nADVERSARIAL: {t.tried} bad inputs tried, {t.right} answered with the right status; "
+        f"wrong: {t.wrong}; leaks: {t.leaks}"
+    )
     assert not t.wrong and not t.leaks
     assert service.health() == "SERVING"
     r = stub.Converse(converse(text="still there?"), timeout=60)
@@ -225,8 +265,9 @@ def test_delete_during_a_turn_is_refused_cleanly(service, stub) -> None:
     result: dict = {}
 
     def turn():
-        result["r"] = stub.Converse(converse(text="a long answer", session_id=sid,
-                                             sampling=pb.Sampling(max_new_tokens=8)), timeout=60)
+        result["r"] = stub.Converse(
+            converse(text="a long answer", session_id=sid, sampling=pb.Sampling(max_new_tokens=8)), timeout=60
+        )
 
     th = threading.Thread(target=turn)
     th.start()
@@ -251,16 +292,23 @@ def test_delete_during_a_turn_is_refused_cleanly(service, stub) -> None:
 def test_long_conversation_drops_old_turns_instead_of_getting_stuck(triton, tmp_path) -> None:
     """A history budget larger than the served context (1024 rows here) would make every turn fail once the
     context is full; the service derives the budget from the served context and drops old turns."""
-    svc = ServiceProcess(triton.grpc_url, tmp_path / "svc.log", MOSS_SPEECH_MAX_CONTEXT_TOKENS="4096",
-                         MOSS_SPEECH_MAX_TEXT_CHARS="4000").start()
+    svc = ServiceProcess(
+        triton.grpc_url, tmp_path / "svc.log", MOSS_SPEECH_MAX_CONTEXT_TOKENS="4096", MOSS_SPEECH_MAX_TEXT_CHARS="4000"
+    ).start()
     try:
         with grpc.insecure_channel(svc.address) as ch:
             s = speech_pb2_grpc.MossSpeechStub(ch)
             sid = s.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
             dropped = 0
             for i in range(8):
-                r = s.Converse(converse(text=f"turn {i} " + "word " * 40, session_id=sid,
-                                        sampling=pb.Sampling(max_new_tokens=200, min_new_tokens=200)), timeout=120)
+                r = s.Converse(
+                    converse(
+                        text=f"turn {i} " + "word " * 40,
+                        session_id=sid,
+                        sampling=pb.Sampling(max_new_tokens=200, min_new_tokens=200),
+                    ),
+                    timeout=120,
+                )
                 dropped += r.usage.dropped_turns
                 assert r.usage.generated_tokens > 0
             assert dropped > 0

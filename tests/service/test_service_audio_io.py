@@ -40,15 +40,18 @@ def test_raw_pcm(encoding):
     assert abs(len(out) - 4000) <= 2
 
 
-@pytest.mark.parametrize("data, spec, kind, words", [
-    (b"", AudioSpec(), "empty", "empty"),
-    (b"RIFF\x00\x00garbage" * 10, AudioSpec(), "undecodable", "decode"),
-    (b"\x00\x00" * 100, AudioSpec("pcm16", 0, 1), "bad_format", "sample_rate"),
-    (b"\x00\x00" * 100, AudioSpec("pcm16", 1_000_000, 1), "bad_format", "sample_rate"),
-    (b"\x00\x00\x00", AudioSpec("pcm16", 16000, 1), "bad_format", "frames"),
-    (np.array([np.nan] * 10, "<f4").tobytes(), AudioSpec("float32", 16000, 1), "non_finite", "NaN"),
-    (b"\x00\x00" * 100, AudioSpec("opus", 16000, 1), "bad_format", "encoding"),
-])
+@pytest.mark.parametrize(
+    "data, spec, kind, words",
+    [
+        (b"", AudioSpec(), "empty", "empty"),
+        (b"RIFF\x00\x00garbage" * 10, AudioSpec(), "undecodable", "decode"),
+        (b"\x00\x00" * 100, AudioSpec("pcm16", 0, 1), "bad_format", "sample_rate"),
+        (b"\x00\x00" * 100, AudioSpec("pcm16", 1_000_000, 1), "bad_format", "sample_rate"),
+        (b"\x00\x00\x00", AudioSpec("pcm16", 16000, 1), "bad_format", "frames"),
+        (np.array([np.nan] * 10, "<f4").tobytes(), AudioSpec("float32", 16000, 1), "non_finite", "NaN"),
+        (b"\x00\x00" * 100, AudioSpec("opus", 16000, 1), "bad_format", "encoding"),
+    ],
+)
 def test_bad_input(data, spec, kind, words):
     with pytest.raises(AudioError) as e:
         decode(data, spec, max_seconds=10)

@@ -54,7 +54,7 @@ def stream_requests(cfg: pb.StreamConfig, turns: list[bytes | str], chunk: int =
             yield pb.StreamConverseRequest(text=turn)
         else:
             for i in range(0, len(turn), chunk):
-                yield pb.StreamConverseRequest(audio=turn[i:i + chunk])
+                yield pb.StreamConverseRequest(audio=turn[i : i + chunk])
         yield pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())
 
 
@@ -94,8 +94,11 @@ def test_converse_raw_and_flac_audio(stub, raw):
 
 
 def test_stream_speech_chunks_in_order_and_final(stub):
-    cfg = pb.StreamConfig(output=SPEECH, sampling=pb.Sampling(max_new_tokens=24, seed=2),
-                          input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_CONTAINER))
+    cfg = pb.StreamConfig(
+        output=SPEECH,
+        sampling=pb.Sampling(max_new_tokens=24, seed=2),
+        input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_CONTAINER),
+    )
     responses = list(stub.StreamConverse(stream_requests(cfg, [wav(1.0)]), timeout=60))
     audio = [r.audio for r in responses if r.WhichOneof("kind") == "audio"]
     assert [a.sequence for a in audio] == list(range(len(audio))) and len(audio) >= 2
@@ -140,8 +143,11 @@ def test_stream_multi_turn_and_context_truncation(stub):
     """MAX_CONTEXT_TOKENS=128: six turns in one stream overflow it; the oldest turns go and the result says so."""
     sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
     cfg = pb.StreamConfig(session_id=sid, output=TEXT, sampling=SMALL)
-    finals = [r.final for r in stub.StreamConverse(stream_requests(cfg, ["one", "two", "three", "four", "five", "six"]),
-                                                   timeout=120) if r.WhichOneof("kind") == "final"]
+    finals = [
+        r.final
+        for r in stub.StreamConverse(stream_requests(cfg, ["one", "two", "three", "four", "five", "six"]), timeout=120)
+        if r.WhichOneof("kind") == "final"
+    ]
     assert [f.turn_index for f in finals] == [0, 1, 2, 3, 4, 5]
     assert all(f.usage.history_tokens <= 128 for f in finals)
     truncated = [f for f in finals if f.usage.context_truncated]
@@ -185,30 +191,58 @@ BAD = {
     "empty_text": (pb.ConverseRequest(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     "long_text": (pb.ConverseRequest(text="x" * 201), grpc.StatusCode.INVALID_ARGUMENT, "max_text_chars"),
     "empty_audio": (pb.ConverseRequest(audio=audio_in(b"")), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-    "corrupt_audio": (pb.ConverseRequest(audio=audio_in(b"RIFF" + bytes(range(256)) * 4)),
-                      grpc.StatusCode.INVALID_ARGUMENT, "decode"),
-    "raw_no_rate": (pb.ConverseRequest(audio=audio_in(b"\x00\x01" * 800, encoding=pb.AUDIO_ENCODING_PCM16)),
-                    grpc.StatusCode.INVALID_ARGUMENT, "sample_rate"),
-    "absurd_rate": (pb.ConverseRequest(audio=audio_in(b"\x00\x01" * 800, encoding=pb.AUDIO_ENCODING_PCM16,
-                                                      sample_rate=5_000_000)),
-                    grpc.StatusCode.INVALID_ARGUMENT, "sample_rate"),
-    "odd_pcm_bytes": (pb.ConverseRequest(audio=audio_in(b"\x00" * 801, encoding=pb.AUDIO_ENCODING_PCM16,
-                                                        sample_rate=16000)),
-                      grpc.StatusCode.INVALID_ARGUMENT, "frames"),
-    "too_long_audio": (pb.ConverseRequest(audio=audio_in(wav(6.0, 8000))), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       "max_audio_seconds"),
-    "too_big_message": (pb.ConverseRequest(audio=audio_in(b"\x00" * (1024 * 1024 + 10))),
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-    "bad_temperature": (pb.ConverseRequest(text="hi", sampling=pb.Sampling(temperature=-1)),
-                        grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    "bad_top_p": (pb.ConverseRequest(text="hi", sampling=pb.Sampling(top_p=2)), grpc.StatusCode.INVALID_ARGUMENT,
-                  "top_p"),
-    "min_over_max": (pb.ConverseRequest(text="hi", sampling=pb.Sampling(max_new_tokens=0)),
-                     grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    "corrupt_audio": (
+        pb.ConverseRequest(audio=audio_in(b"RIFF" + bytes(range(256)) * 4)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "decode",
+    ),
+    "raw_no_rate": (
+        pb.ConverseRequest(audio=audio_in(b"\x00\x01" * 800, encoding=pb.AUDIO_ENCODING_PCM16)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sample_rate",
+    ),
+    "absurd_rate": (
+        pb.ConverseRequest(audio=audio_in(b"\x00\x01" * 800, encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=5_000_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sample_rate",
+    ),
+    "odd_pcm_bytes": (
+        pb.ConverseRequest(audio=audio_in(b"\x00" * 801, encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=16000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "frames",
+    ),
+    "too_long_audio": (
+        pb.ConverseRequest(audio=audio_in(wav(6.0, 8000))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "max_audio_seconds",
+    ),
+    "too_big_message": (
+        pb.ConverseRequest(audio=audio_in(b"\x00" * (1024 * 1024 + 10))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    ),
+    "bad_temperature": (
+        pb.ConverseRequest(text="hi", sampling=pb.Sampling(temperature=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "bad_top_p": (
+        pb.ConverseRequest(text="hi", sampling=pb.Sampling(top_p=2)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "min_over_max": (
+        pb.ConverseRequest(text="hi", sampling=pb.Sampling(max_new_tokens=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
     "bad_output": (pb.ConverseRequest(text="hi", output=7), grpc.StatusCode.INVALID_ARGUMENT, "output modality"),
     "unknown_session": (pb.ConverseRequest(text="hi", session_id="nope"), grpc.StatusCode.NOT_FOUND, "session"),
-    "unknown_voice": (pb.ConverseRequest(text="hi", voice="nobody", sampling=SMALL),
-                      grpc.StatusCode.INVALID_ARGUMENT, "voice"),
+    "unknown_voice": (
+        pb.ConverseRequest(text="hi", voice="nobody", sampling=SMALL),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "voice",
+    ),
 }
 
 
@@ -225,16 +259,32 @@ def test_bad_converse_input(stub, case):
     assert ok.usage.generated_tokens == 8
 
 
-@pytest.mark.parametrize("messages, words", [
-    ([pb.StreamConverseRequest(text="hi")], "first message"),
-    ([pb.StreamConverseRequest(config=pb.StreamConfig()), pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())],
-     "without audio or text"),
-    ([pb.StreamConverseRequest(config=pb.StreamConfig()), pb.StreamConverseRequest(config=pb.StreamConfig())],
-     "only allowed as the first"),
-    ([pb.StreamConverseRequest(config=pb.StreamConfig(input_format=pb.AudioFormat(
-        encoding=pb.AUDIO_ENCODING_FLOAT32, sample_rate=-5)))], "sample_rate"),
-    ([pb.StreamConverseRequest(config=pb.StreamConfig(sampling=pb.Sampling(top_k=-1)))], "top_k"),
-], ids=["no_config", "empty_turn", "second_config", "bad_rate", "bad_sampling"])
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([pb.StreamConverseRequest(text="hi")], "first message"),
+        (
+            [pb.StreamConverseRequest(config=pb.StreamConfig()), pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())],
+            "without audio or text",
+        ),
+        (
+            [pb.StreamConverseRequest(config=pb.StreamConfig()), pb.StreamConverseRequest(config=pb.StreamConfig())],
+            "only allowed as the first",
+        ),
+        (
+            [
+                pb.StreamConverseRequest(
+                    config=pb.StreamConfig(
+                        input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_FLOAT32, sample_rate=-5)
+                    )
+                )
+            ],
+            "sample_rate",
+        ),
+        ([pb.StreamConverseRequest(config=pb.StreamConfig(sampling=pb.Sampling(top_k=-1)))], "top_k"),
+    ],
+    ids=["no_config", "empty_turn", "second_config", "bad_rate", "bad_sampling"],
+)
 def test_bad_stream_input(stub, messages, words):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.StreamConverse(iter(messages), timeout=30))
@@ -242,8 +292,7 @@ def test_bad_stream_input(stub, messages, words):
 
 
 def test_stream_audio_over_limit_resource_exhausted(stub):
-    cfg = pb.StreamConfig(output=TEXT, input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16,
-                                                                   sample_rate=16000))
+    cfg = pb.StreamConfig(output=TEXT, input_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=16000))
     with pytest.raises(grpc.RpcError) as e:
         list(stub.StreamConverse(stream_requests(cfg, [b"\x00\x00" * 16000 * 6], chunk=64000), timeout=30))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_audio_seconds" in e.value.details()
@@ -334,15 +383,48 @@ def test_ask_cli_streams_answer_to_wav(service, tmp_path, source):
     question = tmp_path / "q.wav"
     question.write_bytes(wav(1.0, 16000))
     src = ["--audio", str(question)] if source == "audio" else ["--text", "hello"]
-    r = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", *src, "--out", str(out),
-                        "--server", service.address, "--plaintext", "--new-session", "--max-new-tokens", "16",
-                        "--seed", "1"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_speech.cli.main",
+            "ask",
+            *src,
+            "--out",
+            str(out),
+            "--server",
+            service.address,
+            "--plaintext",
+            "--new-session",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "time to first audio" in r.stderr and "real-time factor" in r.stderr and "session:" in r.stderr
     data, rate = sf.read(out)
     assert rate == 24000 and len(data) > 0
-    bad = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "ask", "--text", "hi", "--server",
-                          service.address, "--plaintext", "--session", "missing"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_speech.cli.main",
+            "ask",
+            "--text",
+            "hi",
+            "--server",
+            service.address,
+            "--plaintext",
+            "--session",
+            "missing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr

@@ -8,8 +8,9 @@ FORBIDDEN = ("torch", "moss_speech.builders.llm", "moss_speech.builders.codec", 
 
 def imported_modules(statement: str) -> list[str]:
     """Every module `statement` imports, as `python -X importtime` reports them (stderr, one per line)."""
-    run = subprocess.run([sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True,
-                         check=True)
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True, check=True
+    )
     lines = [line for line in run.stderr.splitlines() if line.startswith("import time:") and "|" in line]
     return [line.rsplit("|", 1)[1].strip() for line in lines[1:]]  # the first line is the header
 

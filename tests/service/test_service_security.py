@@ -31,9 +31,15 @@ class Secured:
         self.keys = make_keys("alice", "bob")
         write_keys(self.keys_file, self.keys)
         self.client = self.ca.issue("client", server=False)
-        tls = {"MOSS_SPEECH_PLAINTEXT": "false", "MOSS_SPEECH_AUTH": "api_keys", "MOSS_SPEECH_REFLECTION": "false",
-               "MOSS_SPEECH_TLS_CERT_FILE": str(self.cert_file), "MOSS_SPEECH_TLS_KEY_FILE": str(self.key_file),
-               "MOSS_SPEECH_API_KEYS_FILE": str(self.keys_file), "MOSS_SPEECH_HEALTH_PORT": str(free_port())}
+        tls = {
+            "MOSS_SPEECH_PLAINTEXT": "false",
+            "MOSS_SPEECH_AUTH": "api_keys",
+            "MOSS_SPEECH_REFLECTION": "false",
+            "MOSS_SPEECH_TLS_CERT_FILE": str(self.cert_file),
+            "MOSS_SPEECH_TLS_KEY_FILE": str(self.key_file),
+            "MOSS_SPEECH_API_KEYS_FILE": str(self.keys_file),
+            "MOSS_SPEECH_HEALTH_PORT": str(free_port()),
+        }
         if mtls:
             (folder / "client-ca.crt").write_bytes(self.ca.pem)
             tls["MOSS_SPEECH_TLS_CLIENT_CA_FILE"] = str(folder / "client-ca.crt")
@@ -49,9 +55,14 @@ class Secured:
 
 @pytest.fixture(scope="module")
 def secured(triton, tmp_path_factory):
-    svc = Secured(triton.grpc_url, tmp_path_factory.mktemp("secured"), MOSS_SPEECH_MAX_STREAMS_PER_KEY="2",
-                  MOSS_SPEECH_STREAM_IDLE_SECONDS="1.5", MOSS_SPEECH_TURNS_PER_MINUTE_PER_KEY="40",
-                  MOSS_SPEECH_MAX_SESSIONS_PER_KEY="3")
+    svc = Secured(
+        triton.grpc_url,
+        tmp_path_factory.mktemp("secured"),
+        MOSS_SPEECH_MAX_STREAMS_PER_KEY="2",
+        MOSS_SPEECH_STREAM_IDLE_SECONDS="1.5",
+        MOSS_SPEECH_TURNS_PER_MINUTE_PER_KEY="40",
+        MOSS_SPEECH_MAX_SESSIONS_PER_KEY="3",
+    )
     yield svc
     svc.proc.stop()
     print("\n".join(svc.proc.logs().splitlines()[-30:]))
@@ -66,8 +77,11 @@ def _health(channel: grpc.Channel) -> str:
 
 
 def _ask(stub, key: str, session_id: str = "", timeout: float = 60):
-    return stub.Converse(pb.ConverseRequest(session_id=session_id, text="hello", output=pb.OUTPUT_MODALITY_TEXT),
-                         metadata=bearer(key), timeout=timeout)
+    return stub.Converse(
+        pb.ConverseRequest(session_id=session_id, text="hello", output=pb.OUTPUT_MODALITY_TEXT),
+        metadata=bearer(key),
+        timeout=timeout,
+    )
 
 
 def _code(fn) -> grpc.StatusCode:
@@ -79,6 +93,7 @@ def _code(fn) -> grpc.StatusCode:
 
 
 # --- TLS -------------------------------------------------------------------------------------------------------
+
 
 def test_plaintext_refused_on_the_tls_port(secured) -> None:
     with grpc.insecure_channel(secured.address) as ch:
@@ -93,8 +108,10 @@ def test_reflection_is_off_unless_enabled(secured) -> None:
     with secured.channel() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-        assert _code(lambda: next(stub.ServerReflectionInfo(req, metadata=bearer(secured.keys["alice"]),
-                                                            timeout=10))) == grpc.StatusCode.UNIMPLEMENTED
+        assert (
+            _code(lambda: next(stub.ServerReflectionInfo(req, metadata=bearer(secured.keys["alice"]), timeout=10)))
+            == grpc.StatusCode.UNIMPLEMENTED
+        )
 
 
 def test_wrong_ca_refused(secured) -> None:
@@ -127,13 +144,15 @@ def test_certificate_rotation_is_picked_up_without_restart(secured) -> None:
 
 # --- API keys --------------------------------------------------------------------------------------------------
 
+
 def test_keys_missing_wrong_and_right(secured) -> None:
     with secured.channel() as ch:
         stub = secured.stub(ch)
         assert _code(lambda: stub.ListVoices(pb.ListVoicesRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
         for bad in ("Bearer nope", "Basic abc", "Bearer " + "x" * 5000, "Bearer"):
-            code = _code(lambda b=bad: stub.ListVoices(pb.ListVoicesRequest(), timeout=10,
-                                                      metadata=(("authorization", b),)))
+            code = _code(
+                lambda b=bad: stub.ListVoices(pb.ListVoicesRequest(), timeout=10, metadata=(("authorization", b),))
+            )
             assert code == grpc.StatusCode.UNAUTHENTICATED, bad
         assert _health(ch) == "SERVING"  # health is exempt
         stub.ListVoices(pb.ListVoicesRequest(), timeout=10, metadata=bearer(secured.keys["alice"]))
@@ -187,17 +206,18 @@ def test_key_rotation_during_a_running_stream(secured) -> None:
 
 # --- ownership -------------------------------------------------------------------------------------------------
 
+
 def test_one_key_cannot_see_anothers_session(secured) -> None:
     alice, bob = secured.keys["alice"], secured.keys["bob"]
     with secured.channel() as ch:
         stub = secured.stub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest(), metadata=bearer(alice), timeout=10).session_id
-        for call in (lambda: stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bearer(bob), timeout=10),
-                     lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=bearer(bob),
-                                                timeout=10),
-                     lambda: stub.TruncateReply(pb.TruncateReplyRequest(session_id=sid), metadata=bearer(bob),
-                                                timeout=10),
-                     lambda: _ask(stub, bob, sid)):
+        for call in (
+            lambda: stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bearer(bob), timeout=10),
+            lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=bearer(bob), timeout=10),
+            lambda: stub.TruncateReply(pb.TruncateReplyRequest(session_id=sid), metadata=bearer(bob), timeout=10),
+            lambda: _ask(stub, bob, sid),
+        ):
             assert _code(call) == grpc.StatusCode.NOT_FOUND
         _ask(stub, alice, sid)
         assert stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bearer(alice), timeout=10).turns == 1
@@ -212,8 +232,9 @@ def test_session_cap_per_key_never_evicts_another_keys_session(secured) -> None:
         made, refused = [], 0
         for _ in range(6):
             try:
-                made.append(stub.CreateSession(pb.CreateSessionRequest(), metadata=bearer(alice),
-                                               timeout=10).session_id)
+                made.append(
+                    stub.CreateSession(pb.CreateSessionRequest(), metadata=bearer(alice), timeout=10).session_id
+                )
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 refused += 1
@@ -226,11 +247,14 @@ def test_session_cap_per_key_never_evicts_another_keys_session(secured) -> None:
 
 # --- limits ----------------------------------------------------------------------------------------------------
 
+
 def _open_silent_stream(stub, key: str, hold: threading.Event):
     """A stream that sends its config, then nothing until `hold` is set."""
+
     def requests():
         yield pb.StreamConverseRequest(config=pb.StreamConfig(output=pb.OUTPUT_MODALITY_TEXT))
         hold.wait(30)
+
     return stub.StreamConverse(requests(), metadata=bearer(key), timeout=60)
 
 
@@ -284,16 +308,21 @@ def test_idle_streams_do_not_starve_others(secured) -> None:
 
 # --- mTLS ------------------------------------------------------------------------------------------------------
 
+
 def test_mtls_requires_a_client_certificate_from_the_client_ca(triton, tmp_path) -> None:
     svc = Secured(triton.grpc_url, tmp_path, mtls=True)
     try:
         key = svc.keys["alice"]
         with svc.channel() as ch:  # no client certificate
-            assert _code(lambda: svc.stub(ch).ListVoices(pb.ListVoicesRequest(), metadata=bearer(key),
-                                                         timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: svc.stub(ch).ListVoices(pb.ListVoicesRequest(), metadata=bearer(key), timeout=10))
+                == grpc.StatusCode.UNAVAILABLE
+            )
         with svc.channel(svc.other_ca.issue("intruder", server=False)) as ch:  # wrong client certificate
-            assert _code(lambda: svc.stub(ch).ListVoices(pb.ListVoicesRequest(), metadata=bearer(key),
-                                                         timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: svc.stub(ch).ListVoices(pb.ListVoicesRequest(), metadata=bearer(key), timeout=10))
+                == grpc.StatusCode.UNAVAILABLE
+            )
         with svc.channel(svc.client) as ch:
             svc.stub(ch).ListVoices(pb.ListVoicesRequest(), metadata=bearer(key), timeout=10)
     finally:

@@ -44,8 +44,9 @@ def test_key_file_checks_and_rotation(tmp_path) -> None:
     assert authenticate(None, None) == ANONYMOUS  # auth off
 
 
-@pytest.mark.parametrize("text", ["alice\n", "alice:abc\n", f"a b:{hash_key('x')}\n",
-                                  f"a:{hash_key('x')}\na:{hash_key('y')}\n"])
+@pytest.mark.parametrize(
+    "text", ["alice\n", "alice:abc\n", f"a b:{hash_key('x')}\n", f"a:{hash_key('x')}\na:{hash_key('y')}\n"]
+)
 def test_malformed_key_file_refused_at_start_without_echoing_hashes(tmp_path, text: str) -> None:
     path = tmp_path / "keys"
     path.write_text(text)
@@ -60,8 +61,9 @@ def test_missing_key_file_is_a_clear_error(tmp_path) -> None:
 
 
 def test_new_key_command_prints_a_usable_line(tmp_path) -> None:
-    out = subprocess.run([sys.executable, "-m", "moss_speech.services.auth", "new", "ci"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moss_speech.services.auth", "new", "ci"], capture_output=True, text=True, check=True
+    ).stdout
     key = out.split("it is not stored): ")[1].split()[0]
     line = out.split("line for the key file: ")[1].strip()
     (tmp_path / "keys").write_text(line + "\n")
@@ -85,8 +87,9 @@ def test_stream_limits_per_key_and_global_released_on_exit() -> None:
 
 def test_turn_and_audio_rates_with_retry_after() -> None:
     clock = Clock()
-    lim = Limiter(Limits(max_streams=9, max_streams_per_key=9, turns_per_minute=2, audio_seconds_per_minute=10),
-                  clock=clock)
+    lim = Limiter(
+        Limits(max_streams=9, max_streams_per_key=9, turns_per_minute=2, audio_seconds_per_minute=10), clock=clock
+    )
     lim.turn("a")
     clock.t += 10
     lim.turn("a", 6.0)
@@ -103,13 +106,16 @@ def test_turn_and_audio_rates_with_retry_after() -> None:
         lim.turn("c", 11.0)
 
 
-@pytest.mark.parametrize("raw", [
-    "cannot decode audio: Error opening <_io.BytesIO object at 0x7f3a2b1c0d90>: Format not recognised.",
-    "Triton at triton-0.triton.svc:8001 is unavailable: failed to connect to all addresses; last error: "
-    "UNKNOWN: ipv4:10.0.0.12:8001: Connection refused",
-    "in ensemble 's2s', [request id: x] llm: failed at /opt/tritonserver/backends/python/model.py line 3",
-    "vocoder failed: Traceback (most recent call last):\n  File \"/x/y.py\"",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "cannot decode audio: Error opening <_io.BytesIO object at 0x7f3a2b1c0d90>: Format not recognised.",
+        "Triton at triton-0.triton.svc:8001 is unavailable: failed to connect to all addresses; last error: "
+        "UNKNOWN: ipv4:10.0.0.12:8001: Connection refused",
+        "in ensemble 's2s', [request id: x] llm: failed at /opt/tritonserver/backends/python/model.py line 3",
+        'vocoder failed: Traceback (most recent call last):\n  File "/x/y.py"',
+    ],
+)
 def test_public_message_drops_internals(raw: str) -> None:
     msg = public_message(raw, ("s2s", "t2s", "llm", "vocoder", "speech_encoder"))
     for leak in ("0x7f", "BytesIO", "8001", "10.0.0.12", "/opt/", "s2s", "llm", "vocoder", "Traceback", ".py"):

@@ -72,8 +72,7 @@ def test_second_concurrent_turn_is_refused():
 def test_idle_ttl_evicts_but_not_while_busy():
     clock = Clock()
     counts = []
-    store = SessionStore(ttl_seconds=10, max_sessions=10, max_context_tokens=100, clock=clock,
-                         on_change=counts.append)
+    store = SessionStore(ttl_seconds=10, max_sessions=10, max_context_tokens=100, clock=clock, on_change=counts.append)
     idle, busy = store.create(), store.create()
     with store.hold(busy.session_id):
         clock.t = 11

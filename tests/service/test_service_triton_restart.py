@@ -67,14 +67,23 @@ def test_triton_stops_cleanly_after_cancelled_turns(own_triton, tmp_path):
     stub = speech_pb2_grpc.MossSpeechStub(channel)
     try:
         config = pb.StreamConfig(output=pb.OUTPUT_MODALITY_SPEECH, sampling=LONG)
-        call = stub.StreamConverse(iter([pb.StreamConverseRequest(config=config),
-                                         pb.StreamConverseRequest(text="talk for a long time"),
-                                         pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn())]), timeout=120)
+        call = stub.StreamConverse(
+            iter(
+                [
+                    pb.StreamConverseRequest(config=config),
+                    pb.StreamConverseRequest(text="talk for a long time"),
+                    pb.StreamConverseRequest(end_of_turn=pb.EndOfTurn()),
+                ]
+            ),
+            timeout=120,
+        )
         assert next(call).WhichOneof("kind") == "audio"  # generating, audio streaming
         call.cancel()
         with pytest.raises(grpc.RpcError) as e:  # t2s, cut by the deadline
-            stub.Converse(pb.ConverseRequest(text="long answer please", output=pb.OUTPUT_MODALITY_SPEECH,
-                                             sampling=LONG), timeout=1.0)
+            stub.Converse(
+                pb.ConverseRequest(text="long answer please", output=pb.OUTPUT_MODALITY_SPEECH, sampling=LONG),
+                timeout=1.0,
+            )
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         deadline = time.monotonic() + 10
         while (metric(triton.metrics(), "moss_speech_llm_active_sequences") or 0) > 0:
@@ -100,8 +109,9 @@ def test_sigterm_drains_open_streams_within_bound(triton, tmp_path):
         def run(name: str, tokens: int) -> None:
             sampling = pb.Sampling(max_new_tokens=tokens, min_new_tokens=tokens, seed=1)
             try:
-                results[name] = stub.Converse(pb.ConverseRequest(text="go", output=pb.OUTPUT_MODALITY_SPEECH,
-                                                                 sampling=sampling), timeout=60)
+                results[name] = stub.Converse(
+                    pb.ConverseRequest(text="go", output=pb.OUTPUT_MODALITY_SPEECH, sampling=sampling), timeout=60
+                )
             except grpc.RpcError as e:
                 results[name] = e.code()
 

@@ -31,8 +31,11 @@ def speech(seconds: float, freq: float) -> np.ndarray:
 
 
 def s2s_inputs(audio, sampling, output="speech", history=None):
-    inputs = {"AUDIO": audio[None], "SAMPLING": np.array([[json.dumps(sampling).encode()]], dtype=object),
-              "OUTPUT_MODALITY": np.array([[output.encode()]], dtype=object)}
+    inputs = {
+        "AUDIO": audio[None],
+        "SAMPLING": np.array([[json.dumps(sampling).encode()]], dtype=object),
+        "OUTPUT_MODALITY": np.array([[output.encode()]], dtype=object),
+    }
     if history is not None:
         inputs["HISTORY"] = history[None].astype(np.int64)
     return inputs
@@ -85,8 +88,10 @@ def in_process(reference, codec, codes, params, output="speech"):
         engine.step()
     windows = [w for u in updates for w in u.windows]
     pcm = codec.decode_windows(windows)
-    return {"rows": [list(r) for u in updates for r in u.rows],
-            "audio": np.concatenate(pcm) if pcm else np.zeros(0, np.float32)}
+    return {
+        "rows": [list(r) for u in updates for r in u.rows],
+        "audio": np.concatenate(pcm) if pcm else np.zeros(0, np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +148,15 @@ def test_four_concurrent_streams_each_equal_their_solo_result(served):
 
 
 def test_text_in_text_out(served, reference):
-    inputs = {"TEXT": np.array([[b"What is the capital of France?"]], dtype=object),
-              "OUTPUT_MODALITY": np.array([[b"text"]], dtype=object),
-              "SAMPLING": np.array([[json.dumps(GREEDY | {"max_new_tokens": 12}).encode()]], dtype=object)}
+    inputs = {
+        "TEXT": np.array([[b"What is the capital of France?"]], dtype=object),
+        "OUTPUT_MODALITY": np.array([[b"text"]], dtype=object),
+        "SAMPLING": np.array([[json.dumps(GREEDY | {"max_new_tokens": 12}).encode()]], dtype=object),
+    }
     got = ask(served, inputs, model="t2s")
     prompt = reference["prompts"].continue_conversation(
-        None, Turn("user", text="What is the capital of France?"), "text")
+        None, Turn("user", text="What is the capital of France?"), "text"
+    )
     ref = generate(reference["model"], [prompt], SamplingParams.greedy(max_new_tokens=12))[0]
     assert got["rows"] == ref.rows.tolist()
     assert got["text"] == ref.text_tokens
@@ -158,8 +166,9 @@ def test_history_continues_the_conversation(served, reference, codec):
     first = ask(served, s2s_inputs(speech(0.8, 300), GREEDY | {"max_new_tokens": 8}))
     second = ask(served, s2s_inputs(speech(0.5, 500), GREEDY | {"max_new_tokens": 8}, history=first["turn_rows"]))
     codes = codec.encode_pcm([speech(0.5, 500)])[0].tolist()
-    prompt = reference["prompts"].continue_conversation(torch.tensor(first["turn_rows"]),
-                                                        Turn("user", codes=codes), "speech")
+    prompt = reference["prompts"].continue_conversation(
+        torch.tensor(first["turn_rows"]), Turn("user", codes=codes), "speech"
+    )
     assert second["usage"]["prompt_tokens"] == prompt.shape[0]
     ref = generate(reference["model"], [prompt], SamplingParams.greedy(max_new_tokens=8))[0]
     assert second["rows"] == ref.rows.tolist()
@@ -173,8 +182,12 @@ def test_cancellation_stops_generation_and_frees_the_slot(served):
     rid = uuid.uuid4().hex
     stream = Stream(served.grpc_url)
     # long enough to run for tens of seconds if nothing stopped it
-    stream.send("s2s", s2s_inputs(speech(0.5, 200), GREEDY | {"max_new_tokens": 900}), request_id=rid,
-                parameters={"request_id": rid})
+    stream.send(
+        "s2s",
+        s2s_inputs(speech(0.5, 200), GREEDY | {"max_new_tokens": 900}),
+        request_id=rid,
+        parameters={"request_id": rid},
+    )
     result, error = stream.next(timeout=60)
     assert error is None
     assert active_sequences(served) == 1
@@ -191,14 +204,17 @@ def test_cancellation_stops_generation_and_frees_the_slot(served):
     assert ask(served, s2s_inputs(speech(0.5, 250), GREEDY | {"max_new_tokens": 4}))["usage"]["generated_tokens"] == 4
 
 
-@pytest.mark.parametrize("inputs,match", [
-    (lambda: s2s_inputs(np.zeros(0, np.float32), GREEDY), "AUDIO is empty"),
-    (lambda: s2s_inputs(np.full(1600, np.nan, np.float32), GREEDY), "NaN"),
-    (lambda: s2s_inputs(speech(0.5, 200), {"temperature": -1}), "temperature"),
-    (lambda: s2s_inputs(speech(0.5, 200), {"bogus": 1}), "bogus"),
-    (lambda: s2s_inputs(speech(0.5, 200), GREEDY, output="video"), "output modality"),
-    (lambda: s2s_inputs(speech(0.5, 200), GREEDY, history=np.full((1200, 2), 100)), "1024 tokens"),
-])
+@pytest.mark.parametrize(
+    "inputs,match",
+    [
+        (lambda: s2s_inputs(np.zeros(0, np.float32), GREEDY), "AUDIO is empty"),
+        (lambda: s2s_inputs(np.full(1600, np.nan, np.float32), GREEDY), "NaN"),
+        (lambda: s2s_inputs(speech(0.5, 200), {"temperature": -1}), "temperature"),
+        (lambda: s2s_inputs(speech(0.5, 200), {"bogus": 1}), "bogus"),
+        (lambda: s2s_inputs(speech(0.5, 200), GREEDY, output="video"), "output modality"),
+        (lambda: s2s_inputs(speech(0.5, 200), GREEDY, history=np.full((1200, 2), 100)), "1024 tokens"),
+    ],
+)
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served, inputs, match):
     stream = Stream(served.grpc_url)
     try:

@@ -23,8 +23,10 @@ from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 from moss_speech.builders.llm.tokens import SpecialTokens
 from moss_speech.contract.serving import ServingConfig
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not tritonserver_available(), reason="no tritonserver (triton-local extra)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not tritonserver_available(), reason="no tritonserver (triton-local extra)"),
+]
 
 MIN_NEW, MAX_NEW = 4, 40  # EOSP at step 4, the end token at step 5, far below max_new_tokens
 SAMPLING = {"do_sample": False, "repetition_penalty": 1.0, "min_new_tokens": MIN_NEW, "max_new_tokens": MAX_NEW}
@@ -42,9 +44,14 @@ def steered_copy(src, dst, codec_src):
 def serve(ckpt, out):
     from moss_speech.model_repository.launcher import TritonServer
 
-    build_repository(ckpt, ckpt / "codec", "cpu", out,
-                     ServingConfig.for_target("cpu", max_slots=2, max_context=256, vocoder_instances=1),
-                     progress=False)
+    build_repository(
+        ckpt,
+        ckpt / "codec",
+        "cpu",
+        out,
+        ServingConfig.for_target("cpu", max_slots=2, max_context=256, vocoder_instances=1),
+        progress=False,
+    )
     srv = TritonServer(out, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300)
     srv.start()
     return srv
@@ -52,9 +59,11 @@ def serve(ckpt, out):
 
 def ask_text(srv, text: str, output: str) -> dict:
     """One t2s turn: every streamed row, the usage of the final response."""
-    inputs = {"TEXT": np.array([[text.encode()]], dtype=object),
-              "OUTPUT_MODALITY": np.array([[output.encode()]], dtype=object),
-              "SAMPLING": np.array([[json.dumps(SAMPLING).encode()]], dtype=object)}
+    inputs = {
+        "TEXT": np.array([[text.encode()]], dtype=object),
+        "OUTPUT_MODALITY": np.array([[output.encode()]], dtype=object),
+        "SAMPLING": np.array([[json.dumps(SAMPLING).encode()]], dtype=object),
+    }
     stream = Stream(srv.grpc_url)
     try:
         rid = uuid.uuid4().hex
@@ -82,8 +91,9 @@ def check_stops_on_its_end_token(srv, ckpt, question: str):
         assert got["usage"]["generated_tokens"] == steps < MAX_NEW
         assert got["rows"][-1][0] == tokens.im_end_id
         prompt = builder.continue_conversation(None, Turn("user", text=question), output)
-        ref = generate(model, [prompt], SamplingParams.greedy(min_new_tokens=MIN_NEW, max_new_tokens=MAX_NEW),
-                       tokens)[0]
+        ref = generate(model, [prompt], SamplingParams.greedy(min_new_tokens=MIN_NEW, max_new_tokens=MAX_NEW), tokens)[
+            0
+        ]
         assert got["rows"] == ref.rows.tolist()  # token-identical to in-process
         if output == "speech":
             assert got["rows"][-2][1] == tokens.eosp_id
@@ -92,8 +102,9 @@ def check_stops_on_its_end_token(srv, ckpt, question: str):
 
 @pytest.fixture(scope="module")
 def small_served(tiny_small_bundle, tmp_path_factory):
-    ckpt = steered_copy(tiny_small_bundle, tmp_path_factory.mktemp("small-steered") / "ckpt",
-                        tiny_small_bundle / "codec")
+    ckpt = steered_copy(
+        tiny_small_bundle, tmp_path_factory.mktemp("small-steered") / "ckpt", tiny_small_bundle / "codec"
+    )
     srv = serve(ckpt, tmp_path_factory.mktemp("small-repo"))
     yield srv, ckpt
     srv.stop()

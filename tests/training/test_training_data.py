@@ -19,13 +19,13 @@ def test_text_answer_targets_only_the_answer_on_the_text_head(prompt_builder):
     b = prompt_builder
     s = make_sample(b, [Turn("user", text="hello")], answer_text="hi there")
     prompt = b.build([Turn("user", text="hello")], "text")
-    assert torch.equal(s.grid[:prompt.shape[0]], prompt)  # the serving prompt, verbatim
+    assert torch.equal(s.grid[: prompt.shape[0]], prompt)  # the serving prompt, verbatim
     text_t, audio_t = s.targets(PAD)
     answer = b.encode("hi there<|im_end|>")
     p = prompt.shape[0]
     # row p-1 (last prompt row) predicts the first answer token ... the row before <|im_end|> predicts it
-    assert text_t[p - 1:p - 1 + len(answer)].tolist() == answer
-    assert (text_t[:p - 1] == IGNORE).all() and (text_t[p - 1 + len(answer):] == IGNORE).all()
+    assert text_t[p - 1 : p - 1 + len(answer)].tolist() == answer
+    assert (text_t[: p - 1] == IGNORE).all() and (text_t[p - 1 + len(answer) :] == IGNORE).all()
     assert (audio_t == IGNORE).all()
     assert s.kind == "t2t"
 
@@ -37,12 +37,12 @@ def test_spoken_answer_targets_codes_on_audio_head_and_im_end_after_eosp(prompt_
     prompt = b.build([Turn("user", text="hello")], "speech")
     p = prompt.shape[0]
     assert prompt[-1].tolist() == [SOSP, APAD]
-    assert s.grid[p:p + 4].tolist() == [[PAD, 5], [PAD, 6], [PAD, 7], [PAD, EOSP]]
+    assert s.grid[p : p + 4].tolist() == [[PAD, 5], [PAD, 6], [PAD, 7], [PAD, EOSP]]
     assert s.grid[p + 4, 0] == IM_END
     text_t, audio_t = s.targets(PAD)
     # audio mode: rows SOSP, c1, c2, c3 predict c1, c2, c3, EOSP on the audio head; no text loss (forced pad)
-    assert audio_t[p - 1:p + 3].tolist() == [5, 6, 7, EOSP]
-    assert (text_t[p - 1:p + 3] == IGNORE).all()
+    assert audio_t[p - 1 : p + 3].tolist() == [5, 6, 7, EOSP]
+    assert (text_t[p - 1 : p + 3] == IGNORE).all()
     # the EOSP row switches generation to text: its text head predicts <|im_end|>, the audio channel is ignored
     assert text_t[p + 3] == IM_END and audio_t[p + 3] == IGNORE
     assert (text_t != IGNORE).sum() == 1 and (audio_t != IGNORE).sum() == 4
@@ -55,9 +55,9 @@ def test_user_speech_turn_and_earlier_assistant_turns_are_never_targets(prompt_b
     s = make_sample(b, turns, answer_text="ok")
     text_t, audio_t = s.targets(PAD)
     p = b.build(turns, "text").shape[0]
-    assert (text_t[:p - 1] == IGNORE).all() and (audio_t == IGNORE).all()
+    assert (text_t[: p - 1] == IGNORE).all() and (audio_t == IGNORE).all()
     want = b.encode("ok<|im_end|>")
-    assert text_t[p - 1:p - 1 + len(want)].tolist() == want
+    assert text_t[p - 1 : p - 1 + len(want)].tolist() == want
     assert s.kind == "s2t"
 
 
@@ -95,9 +95,10 @@ def test_packing_restarts_positions_and_matches_unpacked_forward(tiny_model, sam
         for s, lo in ((a, 0), (b, la)):
             n = s.grid.shape[0]
             ref_text, ref_audio = tiny_model(s.grid[None])
-            torch.testing.assert_close(tiny_model.text_lm_head(text_h[0, lo:lo + n]), ref_text[0], atol=1e-4, rtol=0)
-            torch.testing.assert_close(tiny_model.audio_lm_head(audio_h[0, lo:lo + n]), ref_audio[0], atol=1e-4,
-                                       rtol=0)
+            torch.testing.assert_close(tiny_model.text_lm_head(text_h[0, lo : lo + n]), ref_text[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                tiny_model.audio_lm_head(audio_h[0, lo : lo + n]), ref_audio[0], atol=1e-4, rtol=0
+            )
 
 
 def test_packing_keeps_order_and_rejects_oversized_samples(samples):
@@ -127,8 +128,7 @@ def test_shuffle_is_deterministic_and_mixes_by_weight(samples):
 def test_recipe_schema_defaults_and_errors(tmp_path):
     stages = default_stages()
     assert [s.name for s in stages] == ["frozen", "joint"]
-    assert set(stages[0].frozen_groups()) == {"embed_tokens", "shared_block", "text_block", "text_norm",
-                                              "text_lm_head"}
+    assert set(stages[0].frozen_groups()) == {"embed_tokens", "shared_block", "text_block", "text_norm", "text_lm_head"}
     assert set(stages[1].train) >= {"shared_block", "text_block", "audio_embed"}
     assert stages[1].train["shared_block"] < stages[1].train["audio_embed"]
     with pytest.raises(ValidationError, match="undefined data sources"):

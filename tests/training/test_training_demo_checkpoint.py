@@ -32,10 +32,21 @@ def test_demo_checkpoint_ids_are_consistent_and_survive_training(tmp_path):
     assert gen["eos_token_id"] == [tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")]
     assert set(tokens.stop_ids) == set(gen["eos_token_id"]) and tokens.im_end_id == cfg.eos_token_id
 
-    samples = {"text": [make_sample(builder, [Turn("user", text=question("anna", r))], answer_text=v)
-                        for r, v in (("color", "red"), ("city", "paris"))]}
-    stage = StageConfig(name="text", steps=2, train={"text_lm_head": 1e-2}, data={"text": 1.0}, batch_size=1,
-                        seq_len=128, warmup_steps=1)
+    samples = {
+        "text": [
+            make_sample(builder, [Turn("user", text=question("anna", r))], answer_text=v)
+            for r, v in (("color", "red"), ("city", "paris"))
+        ]
+    }
+    stage = StageConfig(
+        name="text",
+        steps=2,
+        train={"text_lm_head": 1e-2},
+        data={"text": 1.0},
+        batch_size=1,
+        seq_len=128,
+        warmup_steps=1,
+    )
     run = TrainConfig(init=init, out=tmp_path / "run", data={"text": {"path": "-"}}, stages=[stage])
     final = Trainer(model, run, samples, log=lambda _: None).run()
     for ckpt in (tmp_path / "run" / "1-text", final):

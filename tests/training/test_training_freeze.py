@@ -16,10 +16,11 @@ PAD = 151667
 
 
 def _setup(tiny_dir, samples, tmp_path, stage_index):
-    stages = [s.model_copy(update={"batch_size": 1, "seq_len": 256, "steps": 2, "warmup_steps": 0})
-              for s in default_stages(audio_lr=1e-2, text_lr=1e-2)]
-    cfg = TrainConfig(init=tiny_dir, out=tmp_path, data={"speech": {"path": "-"}, "text": {"path": "-"}},
-                      stages=stages)
+    stages = [
+        s.model_copy(update={"batch_size": 1, "seq_len": 256, "steps": 2, "warmup_steps": 0})
+        for s in default_stages(audio_lr=1e-2, text_lr=1e-2)
+    ]
+    cfg = TrainConfig(init=tiny_dir, out=tmp_path, data={"speech": {"path": "-"}, "text": {"path": "-"}}, stages=stages)
     model = load_model(tiny_dir).train()
     trainer = Trainer(model, cfg, samples, log=lambda _: None)
     stage = stages[stage_index]
@@ -48,8 +49,11 @@ def test_stage1_trains_only_speech_parts_and_text_behaviour_is_bit_identical(tin
             for name, p in model.named_parameters():
                 if group_of(name) in TEXT_GROUPS:
                     assert not p.requires_grad and p.grad is None, name
-            assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-                       if group_of(n) == "audio_embed")
+            assert any(
+                p.grad is not None and p.grad.abs().sum() > 0
+                for n, p in model.named_parameters()
+                if group_of(n) == "audio_embed"
+            )
             opt.zero_grad(set_to_none=True)
     # No optimizer state for frozen parameters; every trained parameter has its Adam moments.
     names = {id(p): n for n, p in model.named_parameters()}
@@ -78,5 +82,7 @@ def test_joint_stage_does_change_text_behaviour(tiny_dir, samples, tmp_path):
     assert checksums(model, ["shared_block"]) != sums_before
     assert not torch.equal(text_before[0], _text_logits(model, samples)[0])
     # embed_tokens and text_lm_head stay frozen in the default joint stage
-    assert all(group_of(names) not in ("embed_tokens", "text_lm_head")
-               for names in (n for g in opt.param_groups for n in g["names"]))
+    assert all(
+        group_of(names) not in ("embed_tokens", "text_lm_head")
+        for names in (n for g in opt.param_groups for n in g["names"])
+    )

@@ -13,8 +13,10 @@ from moss_speech.builders.training.trainer import STATE_NAME, Trainer
 
 
 def _cfg(tiny_dir, out):
-    stages = [s.model_copy(update={"batch_size": 1, "seq_len": 256, "steps": 3, "warmup_steps": 1})
-              for s in default_stages(audio_lr=1e-2, text_lr=1e-3)]
+    stages = [
+        s.model_copy(update={"batch_size": 1, "seq_len": 256, "steps": 3, "warmup_steps": 1})
+        for s in default_stages(audio_lr=1e-2, text_lr=1e-3)
+    ]
     return TrainConfig(init=tiny_dir, out=out, data={"speech": {"path": "-"}, "text": {"path": "-"}}, stages=stages)
 
 
@@ -47,20 +49,35 @@ def test_trained_checkpoint_is_in_the_real_layout_and_strict_loads(tiny_dir, sam
     """Via the console command, from a YAML recipe and JSONL data, as a user would run it."""
     from moss_speech.cli.main import main
 
-    speech = [{"turns": [{"role": "user", "codes": [1, 2, 3, 4]}], "answer": {"text": "hi"}},
-              {"turns": [{"role": "user", "text": "hi"}], "answer": {"codes": [9, 8, 7]}}]
+    speech = [
+        {"turns": [{"role": "user", "codes": [1, 2, 3, 4]}], "answer": {"text": "hi"}},
+        {"turns": [{"role": "user", "text": "hi"}], "answer": {"codes": [9, 8, 7]}},
+    ]
     text = [{"turns": [{"role": "user", "text": "one plus one"}], "answer": {"text": "two"}}]
     (tmp_path / "speech.jsonl").write_text("\n".join(json.dumps(x) for x in speech) + "\n")
     (tmp_path / "text.jsonl").write_text("\n".join(json.dumps(x) for x in text) + "\n")
     recipe = {
-        "init": str(tiny_dir), "out": "run", "seed": 1,
+        "init": str(tiny_dir),
+        "out": "run",
+        "seed": 1,
         "data": {"speech": {"path": "speech.jsonl"}, "text": {"path": "text.jsonl"}},
         "stages": [
-            {"name": "frozen", "steps": 1, "batch_size": 1, "seq_len": 512,
-             "train": {"audio_embed": 1e-3, "audio_block": 1e-3, "audio_norm": 1e-3, "audio_lm_head": 1e-3},
-             "data": {"speech": 1}},
-            {"name": "joint", "steps": 1, "batch_size": 1, "seq_len": 512,
-             "train": {"audio_embed": 1e-3, "shared_block": 1e-4}, "data": {"speech": 1, "text": 1}},
+            {
+                "name": "frozen",
+                "steps": 1,
+                "batch_size": 1,
+                "seq_len": 512,
+                "train": {"audio_embed": 1e-3, "audio_block": 1e-3, "audio_norm": 1e-3, "audio_lm_head": 1e-3},
+                "data": {"speech": 1},
+            },
+            {
+                "name": "joint",
+                "steps": 1,
+                "batch_size": 1,
+                "seq_len": 512,
+                "train": {"audio_embed": 1e-3, "shared_block": 1e-4},
+                "data": {"speech": 1, "text": 1},
+            },
         ],
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))

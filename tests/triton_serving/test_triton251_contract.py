@@ -94,9 +94,7 @@ def ensemble_config(extra: str = "") -> str:
     post_in = "\n".join(f'input_map {{ key: "{n}" value: "g_{n}" }}' for n in ("V", *PASS))
     # An ensemble tensor name is either an input or an output: reusing the input name "TAG" for an output
     # makes 2.51 reject the ensemble ("receives inputs originated from different decoupled models").
-    post_out = "\n".join(
-        f'output_map {{ key: "{n}" value: "{OUT_NAME.get(n, n)}" }}' for n in ("OUT", "BATCH", *PASS)
-    )
+    post_out = "\n".join(f'output_map {{ key: "{n}" value: "{OUT_NAME.get(n, n)}" }}' for n in ("OUT", "BATCH", *PASS))
     outputs = POST.split("output [", 1)[1].replace('"TAG"', '"TAG_OUT"')
     return f"""
 platform: "ensemble"
@@ -138,8 +136,14 @@ def spike(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServ
     build_repo(root / "repo", log_dir)
     # The ensemble-cancel tests leave `pipeline` requests in flight for good (a 2.51 bug, docs/triton-notes.md):
     # without a short exit timeout SIGTERM waits 30 s for them.
-    srv = TritonServer(root / "repo", http_port=None, grpc_port=None, metrics_port=None, stop_timeout=15,
-                       extra_args=["--exit-timeout-secs=3"])
+    srv = TritonServer(
+        root / "repo",
+        http_port=None,
+        grpc_port=None,
+        metrics_port=None,
+        stop_timeout=15,
+        extra_args=["--exit-timeout-secs=3"],
+    )
     srv.start()
     try:
         yield srv, log_dir

@@ -41,6 +41,7 @@ input [{ name: "X" data_type: TYPE_FP32 dims: [ -1 ] }]
 output [{ name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }]
 """
 
+
 def needs_server(test):
     """A test that starts a real tritonserver: slow tier, skipped without one."""
     return pytest.mark.slow(pytest.mark.skipif(not tritonserver_available(), reason="no tritonserver")(test))

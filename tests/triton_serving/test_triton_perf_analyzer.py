@@ -26,16 +26,12 @@ def test_perf_analyzer_streaming(triton_server, tmp_path: Path) -> None:
         pytest.skip("no perf_analyzer")
     version = run_perf_analyzer(["--version"], timeout=30)
     if "error while loading shared libraries" in version.stderr:
-        pytest.skip(
-            f"perf_analyzer cannot start here: {version.stderr.strip()}"
-        )  # libb64-0d / cudart missing
+        pytest.skip(f"perf_analyzer cannot start here: {version.stderr.strip()}")  # libb64-0d / cudart missing
     repo, data = write_demo_repo(tmp_path, responses=5)
     srv = triton_server(repo)
     export = tmp_path / "profile.json"
     args = [a for a in demo_args(srv.grpc_url, data) if not a.startswith("--concurrency-range")]
-    result = run_perf_analyzer(
-        [*args, "--concurrency-range=1", f"--profile-export-file={export}"], timeout=90
-    )
+    result = run_perf_analyzer([*args, "--concurrency-range=1", f"--profile-export-file={export}"], timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Detected decoupled model" in result.stdout
     assert "Response Throughput" in result.stdout

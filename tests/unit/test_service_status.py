@@ -30,18 +30,25 @@ def validation_error() -> ValidationError:
     return e.value
 
 
-@pytest.mark.parametrize("exc, code, words", [
-    (ServiceError(Code.INVALID_ARGUMENT, "text input is empty"), Code.INVALID_ARGUMENT, "text input is empty"),
-    (AudioError("decode", "cannot decode the audio"), Code.INVALID_ARGUMENT, "audio: cannot decode"),
-    (AudioError("too_long", "6.0 s is over max_audio_seconds 5"), Code.RESOURCE_EXHAUSTED, "max_audio_seconds"),
-    (SessionNotFoundError("abc"), Code.NOT_FOUND, "abc"),
-    (SessionBusyError("session abc is in use"), Code.FAILED_PRECONDITION, "in use"),
-    (NoReplyError("no spoken answer to truncate"), Code.FAILED_PRECONDITION, "no spoken answer"),
-    (SessionLimitError("max_sessions reached"), Code.RESOURCE_EXHAUSTED, "max_sessions"),
-    (TritonCallError(Code.UNAVAILABLE, "Triton at x:1 is unavailable", "unavailable"), Code.UNAVAILABLE,
-     "unavailable"),
-    (RuntimeError("boom"), Code.INTERNAL, "internal error"),  # details go to the log, never to the client
-], ids=["service", "bad_audio", "long_audio", "no_session", "busy", "no_reply", "session_limit", "triton", "other"])
+@pytest.mark.parametrize(
+    "exc, code, words",
+    [
+        (ServiceError(Code.INVALID_ARGUMENT, "text input is empty"), Code.INVALID_ARGUMENT, "text input is empty"),
+        (AudioError("decode", "cannot decode the audio"), Code.INVALID_ARGUMENT, "audio: cannot decode"),
+        (AudioError("too_long", "6.0 s is over max_audio_seconds 5"), Code.RESOURCE_EXHAUSTED, "max_audio_seconds"),
+        (SessionNotFoundError("abc"), Code.NOT_FOUND, "abc"),
+        (SessionBusyError("session abc is in use"), Code.FAILED_PRECONDITION, "in use"),
+        (NoReplyError("no spoken answer to truncate"), Code.FAILED_PRECONDITION, "no spoken answer"),
+        (SessionLimitError("max_sessions reached"), Code.RESOURCE_EXHAUSTED, "max_sessions"),
+        (
+            TritonCallError(Code.UNAVAILABLE, "Triton at x:1 is unavailable", "unavailable"),
+            Code.UNAVAILABLE,
+            "unavailable",
+        ),
+        (RuntimeError("boom"), Code.INTERNAL, "internal error"),  # details go to the log, never to the client
+    ],
+    ids=["service", "bad_audio", "long_audio", "no_session", "busy", "no_reply", "session_limit", "triton", "other"],
+)
 def test_exceptions_map_to_their_status(exc, code, words):
     got_code, message = to_status(exc)
     assert got_code == code and words in message
@@ -76,16 +83,20 @@ MODEL_ERRORS = {
     # llm adapter: request checks, sampling validation, context, full queue, failed step
     "both_inputs": ("invalid request: exactly one of CODES (speech) and TEXT must be given", Code.INVALID_ARGUMENT),
     "empty_turn": ("invalid request: the text turn is empty", Code.INVALID_ARGUMENT),
-    "sampling": ("invalid request: 1 validation error for SamplingParams\ntop_p\n  Input should be less than or "
-                 "equal to 1", Code.INVALID_ARGUMENT),
+    "sampling": (
+        "invalid request: 1 validation error for SamplingParams\ntop_p\n  Input should be less than or equal to 1",
+        Code.INVALID_ARGUMENT,
+    ),
     "context": (None, Code.RESOURCE_EXHAUSTED),  # filled from check_context below
     "queue_full": ("64 requests are already waiting (max_queue 64)", Code.UNAVAILABLE),
     "step_failed": ("generation failed: RuntimeError: onnxruntime error", Code.INTERNAL),
     # speech_encoder
     "empty_audio": ("AUDIO is empty", Code.INVALID_ARGUMENT),
     "nan_audio": ("AUDIO contains NaN or Inf", Code.INVALID_ARGUMENT),
-    "long_audio": ("AUDIO has 960000 samples; the limit is 480000 (max_audio_seconds, `moss-speech build "
-                   "--max-audio-seconds`)", Code.RESOURCE_EXHAUSTED),
+    "long_audio": (
+        "AUDIO has 960000 samples; the limit is 480000 (max_audio_seconds, `moss-speech build --max-audio-seconds`)",
+        Code.RESOURCE_EXHAUSTED,
+    ),
     # vocoder
     "unknown_voice": ("unknown voice 'nobody'; known voices: default", Code.INVALID_ARGUMENT),
     "vocoder_failed": ("vocoder failed: shape mismatch", Code.INTERNAL),
@@ -109,12 +120,15 @@ class FakeRpcError(grpc.aio.AioRpcError):
         super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
-@pytest.mark.parametrize("code, want, kind", [
-    (Code.DEADLINE_EXCEEDED, Code.DEADLINE_EXCEEDED, "deadline"),
-    (Code.CANCELLED, Code.CANCELLED, "cancelled"),
-    (Code.UNAVAILABLE, Code.UNAVAILABLE, "unavailable"),
-    (Code.INTERNAL, Code.UNAVAILABLE, "rpc_error"),  # any other transport failure: retryable
-])
+@pytest.mark.parametrize(
+    "code, want, kind",
+    [
+        (Code.DEADLINE_EXCEEDED, Code.DEADLINE_EXCEEDED, "deadline"),
+        (Code.CANCELLED, Code.CANCELLED, "cancelled"),
+        (Code.UNAVAILABLE, Code.UNAVAILABLE, "unavailable"),
+        (Code.INTERNAL, Code.UNAVAILABLE, "rpc_error"),  # any other transport failure: retryable
+    ],
+)
 def test_rpc_errors_map_to_their_status(code, want, kind):
     err = rpc_error(FakeRpcError(code, "connection refused"), "triton:8001")
     assert (err.code, err.kind) == (want, kind)

@@ -51,12 +51,14 @@ def test_fbank_matches_kaldi_native_fbank(signals, name):
 def test_fbank_matches_torchaudio(signals, name):
     # torchaudio needs a torch other than the project's pinned 2.13.0 (no build of it loads beside 2.13);
     # the comparison was run once in a throwaway venv with torch 2.9.1 + torchaudio 2.9 (docs/contracts.md).
-    kaldi = pytest.importorskip("torchaudio.compliance.kaldi",
-                                reason="torchaudio is not installable beside torch==2.13.0 (no matching build)")
+    kaldi = pytest.importorskip(
+        "torchaudio.compliance.kaldi", reason="torchaudio is not installable beside torch==2.13.0 (no matching build)"
+    )
     import torch
 
-    ref = kaldi.fbank(torch.from_numpy(signals[name])[None], num_mel_bins=80, dither=0.0,
-                      sample_frequency=16000).numpy()
+    ref = kaldi.fbank(
+        torch.from_numpy(signals[name])[None], num_mel_bins=80, dither=0.0, sample_frequency=16000
+    ).numpy()
     np.testing.assert_allclose(kaldi_fbank(signals[name], 16000, 80), ref, atol=ATOL, rtol=0)
 
 

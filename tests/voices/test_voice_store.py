@@ -33,8 +33,9 @@ def recording(tmp_path_factory):
 def stored(codec, recording, tmp_path_factory):
     store = VoiceStore(tmp_path_factory.mktemp("store"))
     voice = codec.make_voice(new_voice_id(), recording, prompt_tokens=PROMPT)
-    record = store.save(voice.voice_id, "m3", "espeak en+m3", "key-a", 5.0, voice.prompt_codes, voice.prompt_mel,
-                        voice.xvector)
+    record = store.save(
+        voice.voice_id, "m3", "espeak en+m3", "key-a", 5.0, voice.prompt_codes, voice.prompt_mel, voice.xvector
+    )
     return store, voice, record
 
 

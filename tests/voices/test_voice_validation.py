@@ -28,16 +28,27 @@ def test_good_recording_passes(speech):
     assert 4 < check_recording(pcm, rate) < 10
 
 
-@pytest.mark.parametrize("case,words", [
-    ("short", "too short"), ("long", "too long"), ("zeros", "silent"), ("whisper", "silent"), ("clipped", "clipped"),
-    ("nan", "NaN"), ("bad_rate", "sample rate"),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("short", "too short"),
+        ("long", "too long"),
+        ("zeros", "silent"),
+        ("whisper", "silent"),
+        ("clipped", "clipped"),
+        ("nan", "NaN"),
+        ("bad_rate", "sample rate"),
+    ],
+)
 def test_bad_recordings_name_the_problem(speech, case, words):
     _, pcm, rate = speech
     pcm, rate = {
-        "short": (pcm[: int(2.9 * rate)], rate), "long": (np.tile(pcm, 8)[: int(30.5 * rate)], rate),
-        "zeros": (np.zeros(5 * rate, np.float32), rate), "whisper": (pcm * 0.002, rate),
-        "clipped": (np.clip(pcm * 30, -1, 1), rate), "nan": (np.where(np.arange(pcm.size) == 7, np.nan, pcm), rate),
+        "short": (pcm[: int(2.9 * rate)], rate),
+        "long": (np.tile(pcm, 8)[: int(30.5 * rate)], rate),
+        "zeros": (np.zeros(5 * rate, np.float32), rate),
+        "whisper": (pcm * 0.002, rate),
+        "clipped": (np.clip(pcm * 30, -1, 1), rate),
+        "nan": (np.where(np.arange(pcm.size) == 7, np.nan, pcm), rate),
         "bad_rate": (pcm, 0),
     }[case]
     with pytest.raises(VoiceRecordingError, match=words):
@@ -50,9 +61,15 @@ def test_limits_are_inclusive_at_3_and_30_seconds(speech):
     assert check_recording(np.tile(pcm, 8)[: 30 * rate], rate) == pytest.approx(30.0)
 
 
-@pytest.mark.parametrize("name,description,words", [
-    ("", "", "empty"), ("x" * 65, "", "characters"), ("a\nb", "", "control"), ("ok", "d" * 501, "description"),
-])
+@pytest.mark.parametrize(
+    "name,description,words",
+    [
+        ("", "", "empty"),
+        ("x" * 65, "", "characters"),
+        ("a\nb", "", "control"),
+        ("ok", "d" * 501, "description"),
+    ],
+)
 def test_names(name, description, words):
     with pytest.raises(VoiceRecordingError, match=words):
         check_name(name, description)
@@ -64,22 +81,28 @@ def test_decode_keeps_the_recording_rate_and_samples(speech, tmp_path):
     assert got_rate == rate
     np.testing.assert_array_equal(got, pcm)
     raw = (pcm * 32767).astype("<i2").tobytes()
-    got, got_rate = decode_recording(pb.AudioInput(data=raw, format=pb.AudioFormat(
-        encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=rate)), LIMITS)
+    got, got_rate = decode_recording(
+        pb.AudioInput(data=raw, format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=rate)), LIMITS
+    )
     assert got_rate == rate and got.size == pcm.size
     flac = tmp_path / "x.flac"
     sf.write(str(flac), pcm, rate)
     assert decode_recording(pb.AudioInput(data=flac.read_bytes()), LIMITS)[0].size == pcm.size
 
 
-@pytest.mark.parametrize("audio,words", [
-    (pb.AudioInput(data=b""), "empty"),
-    (pb.AudioInput(data=b"not audio" * 50), "cannot decode"),
-    (pb.AudioInput(data=b"\0\0" * 100, format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16)), "sample_rate"),
-    (pb.AudioInput(data=b"\0" * 3, format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=16000)),
-     "whole number"),
-    (pb.AudioInput(data=b"\0\0", format=pb.AudioFormat(encoding=99)), "encoding"),
-])
+@pytest.mark.parametrize(
+    "audio,words",
+    [
+        (pb.AudioInput(data=b""), "empty"),
+        (pb.AudioInput(data=b"not audio" * 50), "cannot decode"),
+        (pb.AudioInput(data=b"\0\0" * 100, format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16)), "sample_rate"),
+        (
+            pb.AudioInput(data=b"\0" * 3, format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate=16000)),
+            "whole number",
+        ),
+        (pb.AudioInput(data=b"\0\0", format=pb.AudioFormat(encoding=99)), "encoding"),
+    ],
+)
 def test_unsupported_input_is_named(audio, words):
     with pytest.raises(VoiceRecordingError, match=words):
         decode_recording(audio, LIMITS)

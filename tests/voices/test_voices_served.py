@@ -37,9 +37,14 @@ def auth(who: str) -> tuple:
 def start_service(triton_url: str, tmp: Path) -> ServiceProcess:
     keys = tmp / "keys"
     keys.write_text("".join(f"{k}:{hash_key(v)}\n" for k, v in KEYS.items()))
-    return ServiceProcess(triton_url, tmp / "service.log", MOSS_SPEECH_AUTH="api_keys",
-                          MOSS_SPEECH_API_KEYS_FILE=str(keys), MOSS_SPEECH_MAX_NEW_TOKENS="24",
-                          MOSS_SPEECH_MAX_MESSAGE_BYTES=str(4 << 20)).start()  # a 31 s WAV is 1.4 MB
+    return ServiceProcess(
+        triton_url,
+        tmp / "service.log",
+        MOSS_SPEECH_AUTH="api_keys",
+        MOSS_SPEECH_API_KEYS_FILE=str(keys),
+        MOSS_SPEECH_MAX_NEW_TOKENS="24",
+        MOSS_SPEECH_MAX_MESSAGE_BYTES=str(4 << 20),
+    ).start()  # a 31 s WAV is 1.4 MB
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +67,17 @@ def recording(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def created(stub, recording):
-    return stub.CreateVoice(pb.CreateVoiceRequest(name="m3", description="espeak en+m3",
-                                                  audio=pb.AudioInput(data=recording.read_bytes())),
-                            metadata=auth("alice"), timeout=300)
+    return stub.CreateVoice(
+        pb.CreateVoiceRequest(name="m3", description="espeak en+m3", audio=pb.AudioInput(data=recording.read_bytes())),
+        metadata=auth("alice"),
+        timeout=300,
+    )
 
 
 def speak(stub, voice: str, who: str = "alice") -> np.ndarray:
-    r = stub.Converse(pb.ConverseRequest(text="hello there", voice=voice, sampling=GREEDY), metadata=auth(who),
-                      timeout=300)
+    r = stub.Converse(
+        pb.ConverseRequest(text="hello there", voice=voice, sampling=GREEDY), metadata=auth(who), timeout=300
+    )
     return np.frombuffer(r.audio_pcm16, dtype="<i2")
 
 
@@ -92,19 +100,21 @@ def test_list_get_and_ownership(stub, created):
     by_id = {v.voice_id: v for v in mine.voices}
     assert by_id["default"].builtin and by_id["default"].is_default
     assert by_id[created.voice_id].duration_seconds > 3 and by_id[created.voice_id].created_unix > 0
-    assert created.voice_id not in {v.voice_id for v in stub.ListVoices(pb.ListVoicesRequest(),
-                                                                          metadata=auth("bob")).voices}
+    assert created.voice_id not in {
+        v.voice_id for v in stub.ListVoices(pb.ListVoicesRequest(), metadata=auth("bob")).voices
+    }
     assert stub.GetVoice(pb.GetVoiceRequest(voice_id=created.voice_id), metadata=auth("alice")).name == "m3"
-    for call in (lambda: stub.GetVoice(pb.GetVoiceRequest(voice_id=created.voice_id), metadata=auth("bob")),
-                 lambda: speak(stub, created.voice_id, "bob"),
-                 lambda: stub.DeleteVoice(pb.DeleteVoiceRequest(voice_id=created.voice_id), metadata=auth("bob"))):
+    for call in (
+        lambda: stub.GetVoice(pb.GetVoiceRequest(voice_id=created.voice_id), metadata=auth("bob")),
+        lambda: speak(stub, created.voice_id, "bob"),
+        lambda: stub.DeleteVoice(pb.DeleteVoiceRequest(voice_id=created.voice_id), metadata=auth("bob")),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
 
 
-def test_created_voice_audio_differs_and_repeats_across_replicas_and_restart(stub, created, cpu_repo,
-                                                                             tmp_path):
+def test_created_voice_audio_differs_and_repeats_across_replicas_and_restart(stub, created, cpu_repo, tmp_path):
     default = speak(stub, "default")
     cloned = speak(stub, created.voice_id)
     assert cloned.size and cloned.size == default.size
@@ -163,12 +173,17 @@ def test_invalid_recordings_are_refused_and_nothing_is_stored(stub, served, reco
 
 
 def test_deleted_voice_is_not_found_on_the_next_turn(stub, recording):
-    v = stub.CreateVoice(pb.CreateVoiceRequest(name="tmp", audio=pb.AudioInput(data=recording.read_bytes())),
-                         metadata=auth("alice"), timeout=300)
+    v = stub.CreateVoice(
+        pb.CreateVoiceRequest(name="tmp", audio=pb.AudioInput(data=recording.read_bytes())),
+        metadata=auth("alice"),
+        timeout=300,
+    )
     assert speak(stub, v.voice_id).size
     stub.DeleteVoice(pb.DeleteVoiceRequest(voice_id=v.voice_id), metadata=auth("alice"))
-    for call in (lambda: speak(stub, v.voice_id),
-                 lambda: stub.GetVoice(pb.GetVoiceRequest(voice_id=v.voice_id), metadata=auth("alice"))):
+    for call in (
+        lambda: speak(stub, v.voice_id),
+        lambda: stub.GetVoice(pb.GetVoiceRequest(voice_id=v.voice_id), metadata=auth("alice")),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
@@ -178,8 +193,15 @@ def test_per_key_limit_then_delete_frees_a_slot(cpu_repo, recording, tmp_path):
     """A Triton replica with the limit set low (2) and its own store: the third voice of a key is refused with
     RESOURCE_EXHAUSTED (nothing stored), another key is not affected, and after a delete the key creates again."""
     store = tmp_path / "store"
-    srv = TritonServer(cpu_repo, http_port=None, grpc_port=None, metrics_port=None, ready_timeout=300,
-                       stop_timeout=20, env={"MOSS_SPEECH_MAX_VOICES_PER_KEY": "2", STORE_ENV: str(store)})
+    srv = TritonServer(
+        cpu_repo,
+        http_port=None,
+        grpc_port=None,
+        metrics_port=None,
+        ready_timeout=300,
+        stop_timeout=20,
+        env={"MOSS_SPEECH_MAX_VOICES_PER_KEY": "2", STORE_ENV: str(store)},
+    )
     srv.start()
     try:
         svc2 = start_service(srv.grpc_url, tmp_path)
@@ -188,8 +210,11 @@ def test_per_key_limit_then_delete_frees_a_slot(cpu_repo, recording, tmp_path):
                 stub2 = speech_pb2_grpc.MossSpeechStub(ch)
 
                 def create(who: str, name: str):
-                    return stub2.CreateVoice(pb.CreateVoiceRequest(name=name, audio=pb.AudioInput(
-                        data=recording.read_bytes())), metadata=auth(who), timeout=300)
+                    return stub2.CreateVoice(
+                        pb.CreateVoiceRequest(name=name, audio=pb.AudioInput(data=recording.read_bytes())),
+                        metadata=auth(who),
+                        timeout=300,
+                    )
 
                 first, _ = create("alice", "a1"), create("alice", "a2")
                 with pytest.raises(grpc.RpcError) as err:
@@ -200,8 +225,11 @@ def test_per_key_limit_then_delete_frees_a_slot(cpu_repo, recording, tmp_path):
                 assert create("bob", "b1").voice_id  # the limit is per key
                 stub2.DeleteVoice(pb.DeleteVoiceRequest(voice_id=first.voice_id), metadata=auth("alice"))
                 again = create("alice", "a3")
-                names = {v.name for v in stub2.ListVoices(pb.ListVoicesRequest(), metadata=auth("alice")).voices
-                         if not v.builtin}
+                names = {
+                    v.name
+                    for v in stub2.ListVoices(pb.ListVoicesRequest(), metadata=auth("alice")).voices
+                    if not v.builtin
+                }
                 assert names == {"a2", "a3"} and again.voice_id != first.voice_id
         finally:
             svc2.stop()
