@@ -15,8 +15,8 @@ import torch
 from harness import best_time  # bench/ is on sys.path when a script here runs
 
 from moss_speech.builders.codec import SpeechCodec, ready_windows
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec
+from moss_speech.contract.streaming import StreamingConfig
 
 
 def main() -> None:

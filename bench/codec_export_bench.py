@@ -19,9 +19,9 @@ import torch
 from harness import best_time  # bench/ is on sys.path when a script here runs
 
 from moss_speech.builders.codec import SpeechCodec, ready_windows
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.tiny import write_tiny_codec
 from moss_speech.builders.export.onnx_codec import export_codec_onnx
+from moss_speech.contract.streaming import StreamingConfig
 from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 

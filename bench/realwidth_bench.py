@@ -139,8 +139,8 @@ def _stage(name: str, ckpt: Path, work: Path) -> dict:
         out["engine_bytes"], out["backend"] = info.bytes, info.backend
         (work / "engine" / "model.plan").unlink()  # 1.4x the graph on disk; only its size matters here
     elif name == "cpu-repo":
-        from moss_speech.builders.config import ServingConfig
         from moss_speech.builders.export.build import build_repository
+        from moss_speech.contract.serving import ServingConfig
 
         build_repository(
             ckpt,

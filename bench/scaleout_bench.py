@@ -41,23 +41,35 @@ LONG = "tell me everything about the weather in the mountains in spring " * 6
 
 
 def build_repo(tmp: Path, max_context: int) -> Path:
-    from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
     from moss_speech.builders.tiny import write_tiny_bundle
+    from moss_speech.contract.serving import ServingConfig
 
     bundle = tmp / "bundle"
     write_tiny_bundle(bundle, seed=0)
     out = tmp / "repo"
-    build_repository(bundle, bundle / "codec", "cpu", out,
-                     ServingConfig.for_target("cpu", max_slots=4, max_context=max_context), progress=False)
+    build_repository(
+        bundle,
+        bundle / "codec",
+        "cpu",
+        out,
+        ServingConfig.for_target("cpu", max_slots=4, max_context=max_context),
+        progress=False,
+    )
     return out
 
 
 def converse(service, text: str, session_id: str = "", new_tokens: int = 4) -> pb.ConverseResponse:
     stub = speech_pb2_grpc.MossSpeechStub(grpc.insecure_channel(service.address))
-    return stub.Converse(pb.ConverseRequest(session_id=session_id, text=text, output=TEXT,
-                                            sampling=pb.Sampling(max_new_tokens=new_tokens, temperature=0.0)),
-                         timeout=600)
+    return stub.Converse(
+        pb.ConverseRequest(
+            session_id=session_id,
+            text=text,
+            output=TEXT,
+            sampling=pb.Sampling(max_new_tokens=new_tokens, temperature=0.0),
+        ),
+        timeout=600,
+    )
 
 
 def new_session(service) -> str:
@@ -90,18 +102,24 @@ def prefix(a, b, sessions: int, rows: int) -> dict:
         while r.usage.history_tokens < rows:  # grow the history through A (Triton 1) until a turn carries `rows`
             r = converse(a, LONG, sid)
         q = "and what about tomorrow?"
-        base_a.append(ttft(converse(a, q)))          # zero history, Triton 1
-        hit = converse(a, q, sid)                    # Triton 1 holds the prefix
-        base_b.append(ttft(converse(b, q)))          # zero history, Triton 2
-        miss = converse(b, q, sid)                   # Triton 2 never saw this session
+        base_a.append(ttft(converse(a, q)))  # zero history, Triton 1
+        hit = converse(a, q, sid)  # Triton 1 holds the prefix
+        base_b.append(ttft(converse(b, q)))  # zero history, Triton 2
+        miss = converse(b, q, sid)  # Triton 2 never saw this session
         hits.append(ttft(hit))
         misses.append(ttft(miss))
         hist.append(int(miss.usage.history_tokens))
     hit_cost = statistics.median(h - z for h, z in zip(hits, base_a, strict=True))
     miss_cost = statistics.median(m - z for m, z in zip(misses, base_b, strict=True))
-    return {"history_rows": hist, "ttft_hit_ms": hits, "ttft_miss_ms": misses, "ttft_zero_history_ms":
-            base_a + base_b, "prefill_cost_hit_ms": hit_cost, "prefill_cost_miss_ms": miss_cost,
-            "hit_over_miss": hit_cost / miss_cost if miss_cost > 0 else float("nan")}
+    return {
+        "history_rows": hist,
+        "ttft_hit_ms": hits,
+        "ttft_miss_ms": misses,
+        "ttft_zero_history_ms": base_a + base_b,
+        "prefill_cost_hit_ms": hit_cost,
+        "prefill_cost_miss_ms": miss_cost,
+        "hit_over_miss": hit_cost / miss_cost if miss_cost > 0 else float("nan"),
+    }
 
 
 def store_latency(mem, red, turns: int) -> dict:
@@ -112,8 +130,11 @@ def store_latency(mem, red, turns: int) -> dict:
             t0 = time.perf_counter()
             converse(svc, "hi", sid, new_tokens=1)
             out.append((time.perf_counter() - t0) * 1000)
-    return {"memory_median_ms": statistics.median(t_mem), "redis_median_ms": statistics.median(t_red),
-            "redis_added_ms": statistics.median(t_red) - statistics.median(t_mem)}
+    return {
+        "memory_median_ms": statistics.median(t_mem),
+        "redis_median_ms": statistics.median(t_red),
+        "redis_added_ms": statistics.median(t_red) - statistics.median(t_mem),
+    }
 
 
 def main() -> int:
@@ -133,10 +154,12 @@ def main() -> int:
     both = ",".join(f"127.0.0.1:{t.grpc_port}" for t in tritons)
     limits = {"MOSS_SPEECH_MAX_CONTEXT_TOKENS": "2048", "MOSS_SPEECH_MAX_TEXT_CHARS": "4000"}
     red = {"MOSS_SPEECH_SESSIONS_BACKEND": "redis", "MOSS_SPEECH_REDIS_URL": redis.url, **limits}
-    services = {"spread": ServiceProcess(both, tmp / "s.log", **limits),
-                "a": ServiceProcess(f"127.0.0.1:{tritons[0].grpc_port}", tmp / "a.log", **red),
-                "b": ServiceProcess(f"127.0.0.1:{tritons[1].grpc_port}", tmp / "b.log", **red),
-                "mem": ServiceProcess(f"127.0.0.1:{tritons[0].grpc_port}", tmp / "m.log", **limits)}
+    services = {
+        "spread": ServiceProcess(both, tmp / "s.log", **limits),
+        "a": ServiceProcess(f"127.0.0.1:{tritons[0].grpc_port}", tmp / "a.log", **red),
+        "b": ServiceProcess(f"127.0.0.1:{tritons[1].grpc_port}", tmp / "b.log", **red),
+        "mem": ServiceProcess(f"127.0.0.1:{tritons[0].grpc_port}", tmp / "m.log", **limits),
+    }
     try:
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(lambda s: s.start(), services.values()))

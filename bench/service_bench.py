@@ -45,9 +45,9 @@ def rss_mb(pid: int) -> float:
 
 
 def build_tiny(root: Path) -> Path:
-    from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
     from moss_speech.builders.tiny import write_tiny_bundle
+    from moss_speech.contract.serving import ServingConfig
 
     write_tiny_bundle(root / "ckpt", seed=0)
     serving = ServingConfig.for_target("cpu", max_context=1024, max_slots=8, vocoder_instances=1)

@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import print_table  # noqa: E402
 
-from moss_speech.builders.config import ServingConfig  # noqa: E402
 from moss_speech.builders.export.build import LLM_ARTIFACTS, build_repository, codec_graphs_dir  # noqa: E402
 from moss_speech.builders.llm.generate import SamplingParams  # noqa: E402
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn  # noqa: E402
+from moss_speech.contract.serving import ServingConfig  # noqa: E402
 from moss_speech.model_repository.launcher import TritonServer  # noqa: E402
 from moss_speech.model_repository.runtime.factory import load_codec_runtime, load_llm_runtime  # noqa: E402
 from moss_speech.model_repository.runtime.scheduler import Engine, Request  # noqa: E402

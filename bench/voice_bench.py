@@ -151,9 +151,9 @@ async def stack(root: Path, rec_b: Path, turns: int) -> list[tuple[str, str]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "service"))
     from service_support import ServiceProcess
 
-    from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
     from moss_speech.builders.tiny import write_tiny_bundle
+    from moss_speech.contract.serving import ServingConfig
     from moss_speech.model_repository.launcher import TritonServer
     from moss_speech.services.api import speech_pb2 as pb
     from moss_speech.services.api import speech_pb2_grpc

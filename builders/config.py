@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# ServingConfig lives in the contract (torch-free); re-exported while callers move.
-from moss_speech.contract.serving import ConfigError, ServingConfig  # noqa: F401
+# ServingConfig (how the repository serves) lives in the torch-free contract, with the ConfigError both raise.
+from moss_speech.contract.serving import ConfigError
 
 CONFIG_NAME = "config.json"
 

@@ -22,9 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=DEFAULT_PORTS[0])
     p.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS[1])
     p.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS[2])
-    p.add_argument("--bind-address", default="0.0.0.0",
-                   help="interface tritonserver's HTTP, gRPC and metrics ports listen on (default 0.0.0.0, for the "
-                        "container; 127.0.0.1 keeps a local server private)")
+    p.add_argument(
+        "--bind-address",
+        default="0.0.0.0",
+        help="interface tritonserver's HTTP, gRPC and metrics ports listen on (default 0.0.0.0, for the "
+        "container; 127.0.0.1 keeps a local server private)",
+    )
     p.add_argument(
         "--server-binary",
         default=None,
@@ -39,13 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drop --metrics-config histogram_latencies=true (first-response latency histogram)",
     )
     p.add_argument("--log-verbose", type=int, default=0)
-    p.add_argument("--trace-otlp-url", default=None,
-                   help="OpenTelemetry tracing: OTLP/HTTP collector base URL (http://host:4318)")
+    p.add_argument(
+        "--trace-otlp-url", default=None, help="OpenTelemetry tracing: OTLP/HTTP collector base URL (http://host:4318)"
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds after SIGTERM before SIGKILL")
-    p.add_argument("--skip-gpu-check", action="store_true",
-                   help="do not check that a KIND_GPU repository's runtime (TensorRT, onnxruntime CUDA, torch CUDA) "
-                        "loads before starting tritonserver")
+    p.add_argument(
+        "--skip-gpu-check",
+        action="store_true",
+        help="do not check that a KIND_GPU repository's runtime (TensorRT, onnxruntime CUDA, torch CUDA) "
+        "loads before starting tritonserver",
+    )
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then extra tritonserver arguments")
     p.set_defaults(func=run_cli)
 

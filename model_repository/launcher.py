@@ -116,10 +116,14 @@ def trace_args(otlp_url: str, service_name: str = "triton", export_delay_ms: int
     rate=0 traces only requests that carry a W3C `traceparent` (the service decides what is sampled);
     Triton 2.51 then parents its request, model and compute spans on the caller's span.
     """
-    cmd = ["--trace-config=mode=opentelemetry", "--trace-config=rate=0", "--trace-config=count=-1",
-           "--trace-config=level=TIMESTAMPS",
-           f"--trace-config=opentelemetry,url={otlp_url.rstrip('/')}/v1/traces",
-           f"--trace-config=opentelemetry,resource=service.name={service_name}"]
+    cmd = [
+        "--trace-config=mode=opentelemetry",
+        "--trace-config=rate=0",
+        "--trace-config=count=-1",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=opentelemetry,url={otlp_url.rstrip('/')}/v1/traces",
+        f"--trace-config=opentelemetry,resource=service.name={service_name}",
+    ]
     if export_delay_ms is not None:
         cmd.append(f"--trace-config=opentelemetry,bsp_schedule_delay={export_delay_ms}")
     return cmd
@@ -236,8 +240,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
         ]
         if self.bind_address:
-            cmd += [f"--http-address={self.bind_address}", f"--grpc-address={self.bind_address}",
-                    f"--metrics-address={self.bind_address}"]
+            cmd += [
+                f"--http-address={self.bind_address}",
+                f"--grpc-address={self.bind_address}",
+                f"--metrics-address={self.bind_address}",
+            ]
         if not any("shm-region-prefix-name" in a for a in self.extra_args):
             cmd.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.histogram_latencies:
@@ -271,7 +278,7 @@ class TritonServer:
             name = path.name
             if not name.startswith(SHM_PREFIX):
                 continue
-            pid_text = name[len(SHM_PREFIX):].split("_", 1)[0]
+            pid_text = name[len(SHM_PREFIX) :].split("_", 1)[0]
             stale = name.startswith(self.shm_prefix) or (pid_text.isdigit() and not _alive(int(pid_text)))
             if stale:
                 with contextlib.suppress(OSError):

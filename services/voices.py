@@ -73,8 +73,9 @@ def decode_recording(audio: speech_pb2.AudioInput, limits: VoiceLimits) -> tuple
     try:
         spec.check()
         # decode a little past the limit so a long recording gets check_recording's "too long" message
-        decode_limits = AudioLimits(max_seconds=2 * limits.max_seconds,
-                                    max_bytes=spec.max_bytes(2 * limits.max_seconds))
+        decode_limits = AudioLimits(
+            max_seconds=2 * limits.max_seconds, max_bytes=spec.max_bytes(2 * limits.max_seconds)
+        )
         if spec.encoding == "container":
             import soundfile as sf
 
@@ -111,10 +112,13 @@ class VoiceClient:
             self._clients[ep] = grpcclient.InferenceServerClient(ep, channel_args=CHANNEL_ARGS)
         return self._clients[ep]
 
-    async def call(self, op: str, args: dict[str, Any], pcm: np.ndarray | None = None,
-                   timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-        arrays = {T.VOICE_OP: np.array([[op.encode()]], dtype=np.object_),
-                  T.VOICE_ARGS: np.array([[json.dumps(args).encode()]], dtype=np.object_)}
+    async def call(
+        self, op: str, args: dict[str, Any], pcm: np.ndarray | None = None, timeout: float = CALL_TIMEOUT
+    ) -> dict[str, Any]:
+        arrays = {
+            T.VOICE_OP: np.array([[op.encode()]], dtype=np.object_),
+            T.VOICE_ARGS: np.array([[json.dumps(args).encode()]], dtype=np.object_),
+        }
         if pcm is not None:
             arrays[T.VOICE_PCM] = np.ascontiguousarray(pcm, dtype=np.float32).reshape(1, -1)
         inputs = []
@@ -128,8 +132,9 @@ class VoiceClient:
             log.warning("no Triton endpoint for a voice call", extra={"fields": {"error": str(e)}})
             raise VoiceError(grpc.StatusCode.UNAVAILABLE, "the voice model is unavailable; retry later") from None
         try:
-            result = await client.infer(self.model, inputs, outputs=[InferRequestedOutput(T.VOICE_INFO.name)],
-                                              client_timeout=timeout)
+            result = await client.infer(
+                self.model, inputs, outputs=[InferRequestedOutput(T.VOICE_INFO.name)], client_timeout=timeout
+            )
         except InferenceServerException as e:
             raise self._error(e) from None
         return json.loads(result.as_numpy(T.VOICE_INFO.name).reshape(-1)[0])
@@ -149,10 +154,16 @@ class VoiceClient:
 
 def voice_msg(info: dict[str, Any], default_voice: str, request_id: str = "") -> speech_pb2.Voice:
     return speech_pb2.Voice(
-        voice_id=info["voice_id"], is_default=info["voice_id"] == default_voice, name=info.get("name", ""),
-        description=info.get("description", ""), builtin=bool(info.get("builtin")),
-        duration_seconds=float(info.get("duration_seconds", 0.0)), created_unix=float(info.get("created_unix", 0.0)),
-        prompt_tokens=int(info.get("prompt_tokens", 0)), request_id=request_id)
+        voice_id=info["voice_id"],
+        is_default=info["voice_id"] == default_voice,
+        name=info.get("name", ""),
+        description=info.get("description", ""),
+        builtin=bool(info.get("builtin")),
+        duration_seconds=float(info.get("duration_seconds", 0.0)),
+        created_unix=float(info.get("created_unix", 0.0)),
+        prompt_tokens=int(info.get("prompt_tokens", 0)),
+        request_id=request_id,
+    )
 
 
 class VoiceRPCs:
@@ -193,11 +204,15 @@ class VoiceRPCs:
                 raise VoiceRecordingError("request has no recording (audio)")
             pcm, rate = decode_recording(request.audio, self.voice_limits)
             check_recording(pcm, rate, self.voice_limits)
-            info = await self.voice_client.call("create", {"owner": owner(), "name": request.name,
-                                                           "description": request.description, "sample_rate": rate},
-                                                pcm)
-            log.info("voice created", extra={"fields": {"voice_id": info["voice_id"],
-                                                        "seconds": info.get("duration_seconds")}})
+            info = await self.voice_client.call(
+                "create",
+                {"owner": owner(), "name": request.name, "description": request.description, "sample_rate": rate},
+                pcm,
+            )
+            log.info(
+                "voice created",
+                extra={"fields": {"voice_id": info["voice_id"], "seconds": info.get("duration_seconds")}},
+            )
             return voice_msg(info, self.settings.default_voice, rid)
 
         return await self._voice_rpc("CreateVoice", context, work)
@@ -228,6 +243,7 @@ class VoiceRPCs:
             if builtin and builtin != [self.settings.default_voice]:
                 self.voice_ids = builtin
             return speech_pb2.ListVoicesResponse(
-                request_id=rid, voices=[voice_msg(i, self.settings.default_voice) for i in infos])
+                request_id=rid, voices=[voice_msg(i, self.settings.default_voice) for i in infos]
+            )
 
         return await self._voice_rpc("ListVoices", context, work)

@@ -66,8 +66,8 @@ def tiny_bundle(tmp_path_factory):
 def cpu_repo(tiny_bundle, tmp_path_factory):
     """The CPU model repository (onnxruntime LLM and codec) built from `tiny_bundle`, with a small context
     so context errors are cheap to provoke."""
-    from moss_speech.builders.config import ServingConfig
     from moss_speech.builders.export.build import build_repository
+    from moss_speech.contract.serving import ServingConfig
 
     out = tmp_path_factory.mktemp("cpu-repo")
     build_repository(

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moss_speech.builders.codec.config import PreprocessorConfig, PromptMelConfig
-from moss_speech.contract.audio import AudioError, AudioLimits, load_audio  # noqa: F401
+from moss_speech.contract.audio import AudioError
 
-# The input decoder (`load_audio`, `AudioError`) is torch-free and lives in the contract, where the service
-# uses it too; re-exported here.
+# The input decoder (`load_audio`, `AudioError`) is torch-free and lives in the contract (the service uses it too).
 AudioInput = bytes | str | Path | np.ndarray | torch.Tensor
 
 

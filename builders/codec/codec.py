@@ -8,12 +8,14 @@ import numpy as np
 import torch
 
 from moss_speech.builders.codec.audio import WhisperMel
-from moss_speech.builders.codec.config import DEFAULT_VOICE_ID, AudioLimits, StreamingConfig
+from moss_speech.builders.codec.config import DEFAULT_VOICE_ID
 from moss_speech.builders.codec.encoder import WhisperVQEncoder
 from moss_speech.builders.codec.flow import FlowModel, PaddedFlowEncoder
 from moss_speech.builders.codec.hift import HiFTGenerator
 from moss_speech.builders.codec.pipeline import CodecPipeline
 from moss_speech.builders.codec.streaming import DecodeWindow, chunk_bounds, ready_windows
+from moss_speech.contract.audio import AudioLimits
+from moss_speech.contract.streaming import StreamingConfig
 
 
 class SpeechCodec(CodecPipeline):

@@ -5,7 +5,7 @@ Three files of the real `fnlp/MOSS-Speech-Codec` directory are described here:
   names)
   * `preprocessor_config.json` -> `PreprocessorConfig` (Whisper feature extractor)
   * `flow/config.yaml`         -> `FlowConfig` / `HiftConfig` / `PromptMelConfig` (CosyVoice2 hyperpyyaml)
-`StreamingConfig` (chunk / lookahead / context sizes) and `AudioLimits` are serving settings from the contract.
+Serving settings (`StreamingConfig`: chunk / lookahead / context sizes; `AudioLimits`) live in `moss_speech.contract`.
 
 Unknown fields are kept (extra="allow"). Validation errors name the field.
 """
@@ -19,10 +19,6 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-# Serving settings the codec uses, defined once in the torch-free contract.
-from moss_speech.contract.audio import AudioLimits  # noqa: F401
-from moss_speech.contract.streaming import StreamingConfig  # noqa: F401
 
 ENCODER_CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"

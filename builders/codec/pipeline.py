@@ -29,16 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from moss_speech.builders.codec.audio import AudioInput, PromptMel, load_audio
+from moss_speech.builders.codec.audio import AudioInput, PromptMel
 from moss_speech.builders.codec.config import (
     VOICES_DIR,
     XVECTOR_DIM,
-    AudioLimits,
     CodecSizes,
     EncoderConfig,
     FlowYaml,
     PreprocessorConfig,
-    StreamingConfig,
 )
 from moss_speech.builders.codec.flow import cfm_solve, noise_at, project_speaker
 from moss_speech.builders.codec.graphs import GRAPH_IO
@@ -46,6 +44,8 @@ from moss_speech.builders.codec.hift import source_noise
 from moss_speech.builders.codec.streaming import DecodeWindow
 from moss_speech.builders.codec.voices import Voice, VoiceRegistry, loudest_segment
 from moss_speech.builders.codec.xvector import XVectorExtractor
+from moss_speech.contract.audio import AudioLimits, load_audio
+from moss_speech.contract.streaming import StreamingConfig
 
 Graph = Callable[..., torch.Tensor]  # inputs in GRAPH_IO order -> the single output
 

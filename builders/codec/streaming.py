@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moss_speech.builders.codec.config import DEFAULT_VOICE_ID, StreamingConfig
+from moss_speech.builders.codec.config import DEFAULT_VOICE_ID
+from moss_speech.contract.streaming import StreamingConfig
 
 SPEECH_CODEBOOK_SIZE = 16384  # codes 0..16383; 16384 is EOSP in the LLM's audio channel, never a speech token
 

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from moss_speech.builders.codec.config import EncoderConfig
 from moss_speech.builders.codec.graphs import MANIFEST_NAME, MODEL_GRAPHS, SPEAKER_NAME, VOICES_NAME, graph_of
-from moss_speech.builders.config import MossSpeechConfig, ServingConfig
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.contract.serving import ServingConfig
 from moss_speech.model_repository.writer import write_repository
 
 MANIFEST = "manifest.json"

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from moss_speech.builders.codec.codec import SpeechCodec
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.flow import PaddedFlowEncoder
 from moss_speech.builders.codec.graphs import (
     ENGINE_SUFFIX,
@@ -44,6 +43,7 @@ from moss_speech.builders.codec.graphs import (
     SPEAKER_NAME,
     read_manifest,
 )
+from moss_speech.contract.streaming import StreamingConfig
 
 __all__ = [
     "GRAPHS",

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from moss_speech.builders.config import ConfigError, MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.contract.serving import ConfigError
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 
-# The llm model's metric names live in the contract (the service reads them too, without importing adapters).
-from moss_speech.contract.metrics import LLM_ACTIVE_SEQUENCES, LLM_KV_SLOTS  # noqa: F401
 from moss_speech.contract.serving import ServingConfig
 
 

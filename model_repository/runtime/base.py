@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moss_speech.builders.config import MossSpeechConfig, ServingConfig
+from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.generate import ContextLengthError, check_context
+from moss_speech.contract.serving import ServingConfig
 
 __all__ = ["LLMRuntime", "NoFreeSlotError", "ContextLengthError"]
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.graphs import (
     ENGINE_SUFFIX,
     GRAPH_IO,
@@ -35,6 +34,7 @@ from moss_speech.builders.codec.graphs import (
 )
 from moss_speech.builders.codec.pipeline import CodecPipeline
 from moss_speech.builders.codec.voices import Voice
+from moss_speech.contract.streaming import StreamingConfig
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 

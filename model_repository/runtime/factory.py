@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from moss_speech.builders.config import MossSpeechConfig, ServingConfig
+from moss_speech.builders.config import MossSpeechConfig
+from moss_speech.contract.serving import ServingConfig
 from moss_speech.model_repository.runtime.base import LLMRuntime
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -37,8 +37,9 @@ def serving_config(repo: str | Path) -> dict[str, Any]:
     serving = dict(manifest.get("serving") or {})
     serving["tools"] = manifest.get("tools") or {}
     serving["artifacts"] = manifest.get("artifacts") or {}
-    serving["runtimes"] = list(dict.fromkeys((serving.get("llm_runtime", "tensorrt"),
-                                              serving.get("codec_backend", "tensorrt"))))
+    serving["runtimes"] = list(
+        dict.fromkeys((serving.get("llm_runtime", "tensorrt"), serving.get("codec_backend", "tensorrt")))
+    )
     return serving
 
 
@@ -64,14 +65,18 @@ def _import(name: str, why: str) -> Any:
 def check_tensorrt(cfg: dict[str, Any]) -> str:
     """TensorRT importable and the version that built the engines (engines do not load across versions)."""
     if any(a.get("backend") == "tensorrt-rtx" for a in cfg["artifacts"].values()):
-        raise GpuCheckError("the engines were built with TensorRT-RTX, which NVIDIA's Triton container cannot load: "
-                            "rebuild the gpu target inside the Triton image (its tensorrt package)")
+        raise GpuCheckError(
+            "the engines were built with TensorRT-RTX, which NVIDIA's Triton container cannot load: "
+            "rebuild the gpu target inside the Triton image (its tensorrt package)"
+        )
     trt = _import("tensorrt", "the repository's engines need TensorRT")
     built = cfg["tools"].get("tensorrt")
     here = getattr(trt, "__version__", "?")
     if built and built != here:
-        raise GpuCheckError(f"the engines were built with TensorRT {built}, this image has {here}: rebuild the "
-                            "repository with this image (modelRepository.source=build) or use the image that built it")
+        raise GpuCheckError(
+            f"the engines were built with TensorRT {built}, this image has {here}: rebuild the "
+            "repository with this image (modelRepository.source=build) or use the image that built it"
+        )
     return f"tensorrt {here}"
 
 
@@ -79,22 +84,29 @@ def check_onnxruntime() -> str:
     ort = _import("onnxruntime", "the repository runs onnxruntime on the GPU")
     providers = ort.get_available_providers()
     if "CUDAExecutionProvider" not in providers:
-        raise GpuCheckError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
-                            f"{', '.join(providers)}): install onnxruntime-gpu only (a CPU onnxruntime beside it "
-                            "shadows it) built for this image's CUDA")
+        raise GpuCheckError(
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
+            f"{', '.join(providers)}): install onnxruntime-gpu only (a CPU onnxruntime beside it "
+            "shadows it) built for this image's CUDA"
+        )
     return f"onnxruntime {ort.__version__} (CUDA)"
 
 
 def check_torch() -> str:
     torch = _import("torch", "the repository runs torch on the GPU")
     if not torch.cuda.is_available():
-        raise GpuCheckError(f"torch {torch.__version__} sees no CUDA device (a CPU build, or a CUDA build newer "
-                            "than the driver): install torch from the CUDA index matching the image")
+        raise GpuCheckError(
+            f"torch {torch.__version__} sees no CUDA device (a CPU build, or a CUDA build newer "
+            "than the driver): install torch from the CUDA index matching the image"
+        )
     return f"torch {torch.__version__} (CUDA {torch.version.cuda})"
 
 
-CHECKS = {"tensorrt": check_tensorrt, "onnxruntime": lambda cfg: check_onnxruntime(),
-          "torch": lambda cfg: check_torch()}
+CHECKS = {
+    "tensorrt": check_tensorrt,
+    "onnxruntime": lambda cfg: check_onnxruntime(),
+    "torch": lambda cfg: check_torch(),
+}
 
 
 def check_repository(repo: str | Path) -> list[str]:
@@ -105,9 +117,11 @@ def check_repository(repo: str | Path) -> list[str]:
         return []
     devices = cuda_device_count()
     if devices == 0:
-        raise GpuCheckError("the repository is built for the GPU (KIND_GPU) but no CUDA device is visible: run it on a "
-                            "GPU node with the NVIDIA driver and device plugin (resources nvidia.com/gpu, runtime "
-                            "class), or build the cpu target")
+        raise GpuCheckError(
+            "the repository is built for the GPU (KIND_GPU) but no CUDA device is visible: run it on a "
+            "GPU node with the NVIDIA driver and device plugin (resources nvidia.com/gpu, runtime "
+            "class), or build the cpu target"
+        )
     found = [f"{devices} CUDA device(s)"]
     for runtime in cfg["runtimes"]:
         found.append(CHECKS[runtime](cfg))

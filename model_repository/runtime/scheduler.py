@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.streaming import DecodeWindow, ready_windows
 from moss_speech.builders.llm.generate import SamplingParams, SequenceState, Step, check_context
 from moss_speech.builders.llm.prompt import Modality, PromptBuilder, Turn
 from moss_speech.builders.llm.tokens import SpecialTokens
+from moss_speech.contract.streaming import StreamingConfig
 from moss_speech.model_repository.runtime.base import LLMRuntime
 
 

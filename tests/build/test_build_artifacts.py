@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moss_speech.builders.config import ServingConfig
 from moss_speech.builders.export.build import build_repository, default_cache_dir
+from moss_speech.contract.serving import ServingConfig
 from moss_speech.model_repository.adapters.common import artifact_path, verify_model_files
 
 SERVING = ServingConfig.for_target("cpu", max_slots=4, max_context=1024)  # what the cpu_repo fixture was built with

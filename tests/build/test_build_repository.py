@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from moss_speech.builders.config import ServingConfig
 from moss_speech.builders.export.build import BuildError, build_repository
+from moss_speech.contract.serving import ServingConfig
 
 TORCH_ONLY = ServingConfig.for_target("cpu", llm_runtime="torch", codec_backend="torch")
 

@@ -5,8 +5,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from moss_speech.builders.codec.audio import AudioError, PromptMel, WhisperMel, load_audio, slaney_mel_filters
-from moss_speech.builders.codec.config import AudioLimits, PreprocessorConfig, PromptMelConfig
+from moss_speech.builders.codec.audio import PromptMel, WhisperMel, slaney_mel_filters
+from moss_speech.builders.codec.config import PreprocessorConfig, PromptMelConfig
+from moss_speech.contract.audio import AudioError, AudioLimits, load_audio
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from moss_speech.builders.codec import DecodeWindow, SpeechCodec, UnknownVoiceError, ready_windows
-from moss_speech.builders.codec.config import StreamingConfig
 from moss_speech.builders.codec.streaming import chunk_bounds
+from moss_speech.contract.streaming import StreamingConfig
 
 # Bound for streamed-vs-offline decoding with the default window (20 context, 5 chunk, 3 lookahead tokens).
 # Not bit-exact: offline decoding uses full attention in the flow (the reference's offline path), windows use

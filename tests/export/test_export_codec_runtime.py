@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moss_speech.builders.codec import DecodeWindow, UnknownVoiceError, ready_windows
-from moss_speech.builders.codec.config import StreamingConfig
+from moss_speech.contract.streaming import StreamingConfig
 from moss_speech.model_repository.runtime.codec_runtime import CodecRuntime
 
 pytest_plugins = ["tests.export.codec_fixtures"]

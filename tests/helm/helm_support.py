@@ -31,8 +31,9 @@ class Helm:
             raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
-    def template_args(self, values: list[Path], kube_version: str = KUBE_VERSIONS[-1],
-                      release: str = RELEASE) -> list[str]:
+    def template_args(
+        self, values: list[Path], kube_version: str = KUBE_VERSIONS[-1], release: str = RELEASE
+    ) -> list[str]:
         args = ["template", release, str(CHART), "--namespace", "speech", "--kube-version", kube_version]
         for api in CRD_API_VERSIONS:
             args += ["--api-versions", api]
@@ -47,6 +48,7 @@ class Helm:
 
 def chart_values(*files: Path) -> dict[str, Any]:
     """values.yaml with the files merged over it (maps merge, everything else replaces), as helm does."""
+
     def merge(base: Any, over: Any) -> Any:
         if isinstance(base, dict) and isinstance(over, dict):
             return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
@@ -64,8 +66,12 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 def component(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     """The one object of `kind` whose component label is `name`."""
-    found = [d for d in docs if d["kind"] == kind
-             and d["metadata"]["labels"].get("app.kubernetes.io/component") == name
-             and not d["metadata"]["name"].endswith("-headless")]
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and d["metadata"]["labels"].get("app.kubernetes.io/component") == name
+        and not d["metadata"]["name"].endswith("-headless")
+    ]
     assert len(found) == 1, f"expected one {kind} for {name}, got {[d['metadata']['name'] for d in found]}"
     return found[0]

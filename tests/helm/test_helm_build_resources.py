@@ -30,8 +30,9 @@ def test_default_build_memory_is_derived_from_the_real_checkpoint(helm, tmp_path
 
 @pytest.mark.parametrize(("size", "want"), [(4, "16Gi"), (40.5, "126Gi")])
 def test_build_memory_follows_the_checkpoint_size(helm, tmp_path, size, want):
-    res = _init(helm, tmp_path, f"modelRepository:\n  build:\n    memory:\n      checkpointGiB: {size}\n"
-                                "    target: cpu\n")
+    res = _init(
+        helm, tmp_path, f"modelRepository:\n  build:\n    memory:\n      checkpointGiB: {size}\n    target: cpu\n"
+    )
     assert res["build"]["limits"]["memory"] == want and "nvidia.com/gpu" not in res["build"]["limits"]
 
 

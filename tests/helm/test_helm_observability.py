@@ -29,9 +29,20 @@ def test_dashboard_configmap_carries_the_json_and_sidecar_label(helm) -> None:
     shipped = json.loads((CHART / "dashboards" / "moss-speech.json").read_text())
     assert json.loads(cm["data"]["moss-speech.json"]) == shipped
     titles = " ".join(p["title"].lower() for p in shipped["panels"])
-    for needed in ("time to first audio", "real-time factor", "active streams", "sessions", "requests by status",
-                   "queue time", "compute time", "active sequences", "kv slot", "gpu utilisation", "gpu memory",
-                   "errors by code"):
+    for needed in (
+        "time to first audio",
+        "real-time factor",
+        "active streams",
+        "sessions",
+        "requests by status",
+        "queue time",
+        "compute time",
+        "active sequences",
+        "kv slot",
+        "gpu utilisation",
+        "gpu memory",
+        "errors by code",
+    ):
         assert needed in titles, needed
     ids = [p["id"] for p in shipped["panels"]]
     assert len(ids) == len(set(ids))
@@ -55,9 +66,13 @@ def test_alerts_pass_promtool_and_link_the_runbook(helm, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout + proc.stderr
     anchors = {_anchor(line[3:]) for line in RUNBOOK.read_text().splitlines() if line.startswith("## ")}
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in alerts} == {"MossSpeechTimeToFirstAudioHigh", "MossSpeechErrorRatioHigh",
-                                            "MossSpeechTritonNotReady", "MossSpeechTritonQueueGrowing",
-                                            "MossSpeechKVSlotsSaturated"}
+    assert {r["alert"] for r in alerts} == {
+        "MossSpeechTimeToFirstAudioHigh",
+        "MossSpeechErrorRatioHigh",
+        "MossSpeechTritonNotReady",
+        "MossSpeechTritonQueueGrowing",
+        "MossSpeechKVSlotsSaturated",
+    }
     for r in alerts:
         url = r["annotations"]["runbook_url"]
         assert url.split("#")[0].endswith("docs/runbook.md") and url.split("#")[1] in anchors, url

@@ -146,16 +146,31 @@ def test_realtime_calls_a_tls_orchestrator_with_its_ca(helm: Helm, tmp_path):
     assert vol["secret"]["secretName"] == f"{RELEASE}-moss-speech-orchestrator-tls"
     assert "MOSS_REALTIME_SERVICE_TLS_CERT_FILE" not in env
 
-    pod, c, env = _gateway(_render(helm, tmp_path, {"realtime": {"enabled": True, "serviceTLS": {
-        "caSecretName": "corp-ca", "caKey": "root.pem", "serverName": "api.example.com",
-        "clientSecretName": "gateway-client"}}}))
+    pod, c, env = _gateway(
+        _render(
+            helm,
+            tmp_path,
+            {
+                "realtime": {
+                    "enabled": True,
+                    "serviceTLS": {
+                        "caSecretName": "corp-ca",
+                        "caKey": "root.pem",
+                        "serverName": "api.example.com",
+                        "clientSecretName": "gateway-client",
+                    },
+                }
+            },
+        )
+    )
     assert env["MOSS_REALTIME_SERVICE_TLS_CA_FILE"] == "/etc/moss-realtime/service-ca/root.pem"
     assert env["MOSS_REALTIME_SERVICE_TLS_SERVER_NAME"] == "api.example.com"
     assert env["MOSS_REALTIME_SERVICE_TLS_CERT_FILE"] == "/etc/moss-realtime/client-tls/tls.crt"
     vols = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     assert vols == {"service-ca": "corp-ca", "client-tls": "gateway-client"}
 
-    pod, c, env = _gateway(_render(helm, tmp_path, {"realtime": {"enabled": True},
-                                                    "orchestrator": {"settings": {"plaintext": True}}}))
+    pod, c, env = _gateway(
+        _render(helm, tmp_path, {"realtime": {"enabled": True}, "orchestrator": {"settings": {"plaintext": True}}})
+    )
     assert not any(k.startswith("MOSS_REALTIME_SERVICE_TLS") for k in env)
     assert not any(v["name"] in ("service-ca", "client-tls") for v in pod["volumes"])

@@ -12,8 +12,11 @@ from kubernetes_validate import utils as kv
 
 # Kinds from CRDs: kubernetes-validate ships only built-in schemas, so these are checked by
 # `check_monitor` below instead of by strict schema validation.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor"),
-             ("monitoring.coreos.com/v1", "PrometheusRule")}  # rules: tests/helm/test_helm_observability.py
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}  # rules: tests/helm/test_helm_observability.py
 
 
 def test_values_sets_shipped() -> None:
@@ -44,8 +47,7 @@ def test_manifests_validate_strict(rendered, values_set: str, kube_version: str)
         try:
             kv.validate(doc, kube_version, strict=True)
         except kv.ValidationError as e:
-            pytest.fail(f"{name} is not valid for Kubernetes {kube_version}: {'.'.join(map(str, e.path))}: "
-                        f"{e.message}")
+            pytest.fail(f"{name} is not valid for Kubernetes {kube_version}: {'.'.join(map(str, e.path))}: {e.message}")
 
 
 def check_monitor(doc: dict, docs: list[dict]) -> None:
@@ -55,16 +57,19 @@ def check_monitor(doc: dict, docs: list[dict]) -> None:
     selector = spec["selector"]["matchLabels"]
     if doc["kind"] == "ServiceMonitor":
         assert set(spec) == {"selector", "endpoints"}
-        targets = [s for s in by_kind(docs, "Service").values()
-                   if selector.items() <= s["metadata"]["labels"].items()]
+        targets = [s for s in by_kind(docs, "Service").values() if selector.items() <= s["metadata"]["labels"].items()]
         port_names = {p["name"] for s in targets for p in s["spec"]["ports"]}
         endpoints = spec["endpoints"]
     else:
         assert set(spec) == {"selector", "podMetricsEndpoints"}
-        targets = [d for d in by_kind(docs, "Deployment").values()
-                   if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-        port_names = {p["name"] for d in targets for c in d["spec"]["template"]["spec"]["containers"]
-                      for p in c.get("ports", [])}
+        targets = [
+            d
+            for d in by_kind(docs, "Deployment").values()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        port_names = {
+            p["name"] for d in targets for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+        }
         endpoints = spec["podMetricsEndpoints"]
     assert targets, f"{doc['kind']} {doc['metadata']['name']} selects nothing"
     for ep in endpoints:
@@ -88,16 +93,25 @@ BAD_VALUES = {
     "unknown top-level key": ({"trition": {}}, "trition"),
     "unknown setting (typo)": ({"orchestrator": {"settings": {"temprature": 0.7}}}, "temprature"),
     "setting out of range": ({"orchestrator": {"settings": {"top_p": 1.5}}}, "/orchestrator/settings/top_p"),
-    "setting of wrong type": ({"orchestrator": {"settings": {"max_sessions": "many"}}},
-                              "/orchestrator/settings/max_sessions"),
-    "log level not allowed": ({"orchestrator": {"settings": {"log_level": "LOUD"}}},
-                              "/orchestrator/settings/log_level"),
+    "setting of wrong type": (
+        {"orchestrator": {"settings": {"max_sessions": "many"}}},
+        "/orchestrator/settings/max_sessions",
+    ),
+    "log level not allowed": (
+        {"orchestrator": {"settings": {"log_level": "LOUD"}}},
+        "/orchestrator/settings/log_level",
+    ),
     "bad repository source": ({"modelRepository": {"source": "download"}}, "/modelRepository/source"),
     "port out of range": ({"triton": {"ports": {"grpc": 70000}}}, "/triton/ports/grpc"),
     "build without a volume": ({"modelRepository": {"volume": {"enabled": False}}}, "volume.enabled"),
-    "autoscaling with no metric": ({"triton": {"autoscaling": {
-        "enabled": True, "queueTime": {"enabled": False}, "activeSequences": {"enabled": False}}}},
-        "queueTime.enabled or activeSequences.enabled"),
+    "autoscaling with no metric": (
+        {
+            "triton": {
+                "autoscaling": {"enabled": True, "queueTime": {"enabled": False}, "activeSequences": {"enabled": False}}
+            }
+        },
+        "queueTime.enabled or activeSequences.enabled",
+    ),
 }
 
 
@@ -114,6 +128,5 @@ def test_bad_values_fail(helm, tmp_path: Path, case: str) -> None:
 def test_schema_refuses_while_defaults_pass(helm, tmp_path: Path) -> None:
     """Control for the cases above: the same mechanism accepts a valid override."""
     ok = tmp_path / "ok.yaml"
-    ok.write_text(yaml.safe_dump({"triton": {"replicaCount": 3},
-                                  "orchestrator": {"settings": {"top_p": 0.5}}}))
+    ok.write_text(yaml.safe_dump({"triton": {"replicaCount": 3}, "orchestrator": {"settings": {"top_p": 0.5}}}))
     helm.run(*helm.template_args([ok]))

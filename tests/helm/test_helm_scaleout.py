@@ -51,6 +51,7 @@ def test_recreate_strategy_renders_no_rolling_update_and_deadlines(helm, tmp_pat
 
 # --- session store ------------------------------------------------------------------------------------------
 
+
 def fails(helm, tmp_path: Path, values: dict) -> str:
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump(values))
@@ -85,15 +86,24 @@ def test_default_is_redis_bundled_and_url_only_from_a_secret(rendered) -> None:
     assert secret["redis-url"].startswith(f"redis://:{secret['password']}@")
     # Only the orchestrators reach it, and they may.
     policy = by_kind(docs, "NetworkPolicy")[redis["metadata"]["name"]]
-    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
-        "app.kubernetes.io/component"] == "orchestrator"
+    assert (
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        == "orchestrator"
+    )
     orch_policy = component(docs, "NetworkPolicy", "orchestrator")["spec"]["egress"]
     assert any(p.get("ports") == [{"port": 6379, "protocol": "TCP"}] for p in orch_policy)
 
 
 def test_external_redis_url_from_its_secret(helm, tmp_path) -> None:
-    docs = render_with(helm, tmp_path, {"sessions": {"redis": {
-        "bundled": {"enabled": False}, "external": {"secretName": "my-redis", "secretKey": "url"}}}})
+    docs = render_with(
+        helm,
+        tmp_path,
+        {
+            "sessions": {
+                "redis": {"bundled": {"enabled": False}, "external": {"secretName": "my-redis", "secretKey": "url"}}
+            }
+        },
+    )
     env = redis_env(docs)
     assert env["MOSS_SPEECH_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "url"}
     assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
@@ -108,8 +118,12 @@ def test_plain_redis_url_is_refused(helm, tmp_path) -> None:
 def test_memory_store_refuses_more_than_one_replica(helm, tmp_path) -> None:
     mem = {"sessions": {"backend": "memory"}}
     assert "replicaCount is 2" in fails(helm, tmp_path, mem)
-    err = fails(helm, tmp_path, mem | {"orchestrator": {"replicaCount": 1, "autoscaling": {
-        "enabled": True, "minReplicas": 1, "maxReplicas": 3}}})
+    err = fails(
+        helm,
+        tmp_path,
+        mem
+        | {"orchestrator": {"replicaCount": 1, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}}},
+    )
     assert "maxReplicas is 3" in err
     docs = render_with(helm, tmp_path, mem | {"orchestrator": {"replicaCount": 1}})
     env = redis_env(docs)
@@ -119,12 +133,14 @@ def test_memory_store_refuses_more_than_one_replica(helm, tmp_path) -> None:
 
 # --- rules between values -------------------------------------------------------------------------------------
 
+
 def test_hpa_min_above_max_is_refused(helm, tmp_path) -> None:
     for comp in ("triton", "orchestrator"):
         err = fails(helm, tmp_path, {comp: {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}})
         assert f"{comp}.autoscaling.minReplicas (5) must not exceed maxReplicas (2)" in err
-    docs = render_with(helm, tmp_path, {"triton": {"autoscaling": {"enabled": True, "minReplicas": 3,
-                                                                    "maxReplicas": 3}}})
+    docs = render_with(
+        helm, tmp_path, {"triton": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 3}}}
+    )
     assert component(docs, "HorizontalPodAutoscaler", "triton")["spec"]["minReplicas"] == 3
 
 
@@ -134,8 +150,11 @@ def model_paths(docs) -> list[str]:
     triton = component(docs, "Deployment", "triton")["spec"]["template"]["spec"]
     out = []
     for c in job["containers"] + triton["containers"] + triton.get("initContainers", []):
-        out += [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--") and "=" in a
-                and a.split("=", 1)[1].startswith("/")]
+        out += [
+            a.split("=", 1)[1]
+            for a in c.get("args", [])
+            if a.startswith("--") and "=" in a and a.split("=", 1)[1].startswith("/")
+        ]
         out += [e["value"] for e in c.get("env", []) if str(e.get("value", "")).startswith("/")]
         out += [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] == "models"]
     return out
@@ -193,14 +212,16 @@ def test_triton_drains_before_it_is_killed(rendered) -> None:
 
 
 def test_progress_deadlines_are_values(helm, tmp_path) -> None:
-    docs = render_with(helm, tmp_path, {"triton": {"progressDeadlineSeconds": 7200},
-                                        "orchestrator": {"progressDeadlineSeconds": 900}})
+    docs = render_with(
+        helm, tmp_path, {"triton": {"progressDeadlineSeconds": 7200}, "orchestrator": {"progressDeadlineSeconds": 900}}
+    )
     assert component(docs, "Deployment", "triton")["spec"]["progressDeadlineSeconds"] == 7200
     assert component(docs, "Deployment", "orchestrator")["spec"]["progressDeadlineSeconds"] == 900
     assert "progressDeadlineSeconds" in fails(helm, tmp_path, {"triton": {"progressDeadlineSeconds": "soon"}})
 
 
 # --- the model build ------------------------------------------------------------------------------------------
+
 
 def test_build_runs_once_per_revision_and_triton_waits_for_it(rendered) -> None:
     docs = rendered[("default", KUBE_VERSIONS[-1])]
@@ -227,6 +248,7 @@ def test_prebuilt_renders_no_build(rendered) -> None:
 
 # --- monitoring -----------------------------------------------------------------------------------------------
 
+
 def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -242,8 +264,11 @@ def test_monitoring_values_reference_only_rendered_objects(rendered) -> None:
     for mon in [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]:
         sel = mon["spec"]["selector"]["matchLabels"]
         targets = services.values() if mon["kind"] == "ServiceMonitor" else pods
-        labels = (lambda d: d["metadata"]["labels"]) if mon["kind"] == "ServiceMonitor" else (
-            lambda d: d["spec"]["template"]["metadata"]["labels"])
+        labels = (
+            (lambda d: d["metadata"]["labels"])
+            if mon["kind"] == "ServiceMonitor"
+            else (lambda d: d["spec"]["template"]["metadata"]["labels"])
+        )
         assert any(selects(sel, labels(t)) for t in targets), f"{mon['kind']} {mon['metadata']['name']} selects nothing"
 
 
@@ -260,8 +285,10 @@ def test_each_pod_is_one_service_monitor_target(rendered) -> None:
         count = 0
         for mon in monitors:
             for svc in services:
-                if not (selects(mon["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
-                        and selects(svc["spec"]["selector"], pod_labels)):
+                if not (
+                    selects(mon["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+                    and selects(svc["spec"]["selector"], pod_labels)
+                ):
                     continue
                 ports = {p["name"] for p in svc["spec"]["ports"]}
                 count += sum(1 for ep in mon["spec"]["endpoints"] if ep["port"] in ports)

@@ -35,9 +35,14 @@ def test_defaults_are_tls_keys_no_reflection_probes_on_health_port(helm: Helm, t
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["MOSS_SPEECH_PLAINTEXT"] == "false" and env["MOSS_SPEECH_AUTH"] == "api_keys"
     assert env["MOSS_SPEECH_REFLECTION"] == "false"
-    settings = ServiceSettings(**{k.removeprefix("MOSS_SPEECH_").lower(): v for k, v in env.items()
-                                  if k.startswith("MOSS_SPEECH_") and v is not None},  # redis_url: a Secret's
-                               redis_url="redis://from-secret:6379/0")
+    settings = ServiceSettings(
+        **{
+            k.removeprefix("MOSS_SPEECH_").lower(): v
+            for k, v in env.items()
+            if k.startswith("MOSS_SPEECH_") and v is not None
+        },  # redis_url: a Secret's
+        redis_url="redis://from-secret:6379/0",
+    )
     assert settings.health_port == 8081
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["health"] == 8081
@@ -45,8 +50,10 @@ def test_defaults_are_tls_keys_no_reflection_probes_on_health_port(helm: Helm, t
         assert c[probe]["grpc"]["port"] == 8081
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    for name, path, secret in (("tls", "/etc/moss-speech/tls", f"{ORCH}-tls"),
-                               ("api-keys", "/etc/moss-speech/keys", f"{ORCH}-api-keys")):
+    for name, path, secret in (
+        ("tls", "/etc/moss-speech/tls", f"{ORCH}-tls"),
+        ("api-keys", "/etc/moss-speech/keys", f"{ORCH}-api-keys"),
+    ):
         assert mounts[name]["readOnly"] is True and mounts[name]["mountPath"] == path
         assert "subPath" not in mounts[name]  # a subPath mount never sees a rotated Secret
         assert volumes[name]["secret"]["secretName"] == secret
@@ -54,8 +61,11 @@ def test_defaults_are_tls_keys_no_reflection_probes_on_health_port(helm: Helm, t
 
 
 def test_metrics_port_never_on_the_public_service(helm: Helm, tmp_path) -> None:
-    docs = _render(helm, tmp_path, {"orchestrator": {"service": {
-        "type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}}})
+    docs = _render(
+        helm,
+        tmp_path,
+        {"orchestrator": {"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}}},
+    )
     public = _find(docs, "Service", ORCH)
     assert public["spec"]["type"] == "LoadBalancer"
     assert public["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
@@ -89,9 +99,14 @@ def test_bad_key_hash_refused_by_the_schema(helm: Helm, tmp_path) -> None:
 
 
 def test_mtls_mounts_the_client_ca(helm: Helm, tmp_path) -> None:
-    docs = _render(helm, tmp_path, {
-        "orchestrator": {"settings": {"tls_client_ca_file": "/etc/moss-speech/client-ca/ca.crt"}},
-        "security": {"clientCA": {"secretName": "clients-ca"}}})
+    docs = _render(
+        helm,
+        tmp_path,
+        {
+            "orchestrator": {"settings": {"tls_client_ca_file": "/etc/moss-speech/client-ca/ca.crt"}},
+            "security": {"clientCA": {"secretName": "clients-ca"}},
+        },
+    )
     pod, c = _orchestrator(docs)
     mount = next(m for m in c["volumeMounts"] if m["name"] == "client-ca")
     assert mount["readOnly"] is True and mount["mountPath"] == "/etc/moss-speech/client-ca"
@@ -105,11 +120,27 @@ def test_plaintext_without_keys_mounts_nothing(helm: Helm, tmp_path) -> None:
 
 
 def test_grpc_ingress_with_tls_and_cert_manager_certificate(helm: Helm, tmp_path) -> None:
-    docs = _render(helm, tmp_path, {
-        "ingress": {"enabled": True, "host": "speech.example.com", "tlsSecretName": "speech-tls",
-                    "sourceRanges": ["198.51.100.0/24"]},
-        "security": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "ClusterIssuer"},
-                                             "dnsNames": ["speech.internal"]}}}})
+    docs = _render(
+        helm,
+        tmp_path,
+        {
+            "ingress": {
+                "enabled": True,
+                "host": "speech.example.com",
+                "tlsSecretName": "speech-tls",
+                "sourceRanges": ["198.51.100.0/24"],
+            },
+            "security": {
+                "tls": {
+                    "certManager": {
+                        "enabled": True,
+                        "issuerRef": {"name": "ca", "kind": "ClusterIssuer"},
+                        "dnsNames": ["speech.internal"],
+                    }
+                }
+            },
+        },
+    )
     ing = _find(docs, "Ingress", ORCH)
     ann = ing["metadata"]["annotations"]
     assert ann["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
@@ -130,8 +161,11 @@ def test_network_policy_limits_orchestrator_egress(helm: Helm, tmp_path) -> None
     rules = np["spec"]["egress"]
     assert any(p["port"] == 53 for r in rules for p in r["ports"])
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    triton_rule = next(r for r in rules if any("podSelector" in t for t in r["to"]) and
-                       r["ports"][0]["port"] == values["triton"]["ports"]["grpc"])
+    triton_rule = next(
+        r
+        for r in rules
+        if any("podSelector" in t for t in r["to"]) and r["ports"][0]["port"] == values["triton"]["ports"]["grpc"]
+    )
     assert triton_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "triton"
     assert extra in rules
     redis_rule = next(r for r in rules if r["ports"] == [{"port": 6379, "protocol": "TCP"}])  # the bundled store

@@ -43,10 +43,20 @@ def test_default_store_is_a_kept_pvc_mounted_read_write(helm: Helm, tmp_path):
 
 
 def test_rwx_existing_claim_settings_and_replicas(helm: Helm, tmp_path):
-    docs = _render(helm, tmp_path, {
-        "triton": {"replicaCount": 3},
-        "voiceStore": {"existingClaim": "shared-voices", "mountPath": "/data/voices", "maxPerKey": 5,
-                       "promptTokens": 40, "accessModes": ["ReadWriteMany"]}})
+    docs = _render(
+        helm,
+        tmp_path,
+        {
+            "triton": {"replicaCount": 3},
+            "voiceStore": {
+                "existingClaim": "shared-voices",
+                "mountPath": "/data/voices",
+                "maxPerKey": 5,
+                "promptTokens": 40,
+                "accessModes": ["ReadWriteMany"],
+            },
+        },
+    )
     assert not any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == CLAIM for d in docs)
     pod, env, mounts = _triton(docs)
     assert {v["name"]: v for v in pod["volumes"]}["voices"]["persistentVolumeClaim"]["claimName"] == "shared-voices"
@@ -65,8 +75,16 @@ def test_disabled_store_is_an_empty_dir(helm: Helm, tmp_path):
     assert env["MOSS_SPEECH_VOICE_STORE"] == mounts["voices"]["mountPath"]
 
 
-@pytest.mark.parametrize("bad", [{"maxPerKey": 0}, {"promptTokens": "20"}, {"accessModes": ["ReadOnlyMany"]},
-                                 {"mountPath": "voices"}, {"unknown": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"maxPerKey": 0},
+        {"promptTokens": "20"},
+        {"accessModes": ["ReadOnlyMany"]},
+        {"mountPath": "voices"},
+        {"unknown": 1},
+    ],
+)
 def test_schema_refuses_bad_values(helm: Helm, tmp_path, bad):
     f = tmp_path / "values.yaml"
     f.write_text(yaml.safe_dump({"voiceStore": bad}))

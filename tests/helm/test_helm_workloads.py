@@ -37,6 +37,7 @@ def seconds(probe: dict) -> int:
 
 # --- Triton ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
 def test_triton_on_gpu_with_health_probes(rendered, values_set: str) -> None:
     values = chart_values(VALUES_SETS[values_set])
@@ -44,8 +45,7 @@ def test_triton_on_gpu_with_health_probes(rendered, values_set: str) -> None:
     spec, triton = pod(deploy), container(deploy, "triton")
 
     assert int(triton["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
-               for t in spec["tolerations"])
+    assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule" for t in spec["tolerations"])
 
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == values["triton"]["ports"]
@@ -89,8 +89,12 @@ def test_build_mode_runs_the_builder_into_the_served_repository(rendered) -> Non
     build = values["modelRepository"]["build"]
     mount = values["modelRepository"]["volume"]["mountPath"]
     assert "moss-speech build" in init["command"][-2]  # sh -c: under the volume's lock, then the revision mark
-    assert args == {"checkpoint": f"{mount}/{build['checkpoint']}", "codec": f"{mount}/{build['codec']}",
-                    "target": "gpu", "out": f"{mount}/{values['modelRepository']['path']}"}
+    assert args == {
+        "checkpoint": f"{mount}/{build['checkpoint']}",
+        "codec": f"{mount}/{build['codec']}",
+        "target": "gpu",
+        "out": f"{mount}/{values['modelRepository']['path']}",
+    }
     # GPU engines are built on the GPU they run on; the cache lives on the PVC, which Triton reads only.
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert args["out"].startswith(mount + "/")
@@ -114,6 +118,7 @@ def test_prebuilt_mode_serves_without_building(rendered) -> None:
 
 
 # --- orchestrator ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
 def test_orchestrator_env_is_the_settings(rendered, monkeypatch, values_set: str) -> None:
@@ -172,13 +177,17 @@ def test_termination_grace_covers_drain(rendered, values_set: str) -> None:
 
 # --- services, security, policies --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
 def test_services_reach_named_ports_over_h2c(rendered, values_set: str) -> None:
     docs = rendered[(values_set, KV)]
     deployments = by_kind(docs, "Deployment").values()
     for svc in by_kind(docs, "Service").values():
-        selected = [d for d in deployments
-                    if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [
+            d
+            for d in deployments
+            if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(selected) == 1, svc["metadata"]["name"]
         names = {p["name"] for c in pod(selected[0])["containers"] for p in c["ports"]}
         for port in svc["spec"]["ports"]:
@@ -221,8 +230,11 @@ def test_network_policy_only_orchestrator_reaches_triton_inference(rendered, val
     rules = [r for r in triton_np["spec"]["ingress"] if any(p["port"] == grpc for p in r["ports"])]
     assert len(rules) == 1 and len(rules[0]["from"]) == 1
     assert rules[0]["from"][0]["podSelector"]["matchLabels"].items() <= orch_labels.items()
-    metrics_rule = next(r for r in triton_np["spec"]["ingress"]
-                        if [p["port"] for p in r["ports"]] == [values["triton"]["ports"]["metrics"]])
+    metrics_rule = next(
+        r
+        for r in triton_np["spec"]["ingress"]
+        if [p["port"] for p in r["ports"]] == [values["triton"]["ports"]["metrics"]]
+    )
     assert metrics_rule["from"] == values["networkPolicy"]["metricsFrom"]
     orch_np = component(docs, "NetworkPolicy", "orchestrator")
     client_rule = orch_np["spec"]["ingress"][0]

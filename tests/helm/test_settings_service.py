@@ -42,14 +42,17 @@ def test_env_overrides_with_prefix(clean_env) -> None:
     assert cfg.temperature == 0.9 and cfg.max_sessions == 7
 
 
-@pytest.mark.parametrize("env", [
-    {"MOSS_SPEECH_TOP_P": "1.5"},
-    {"MOSS_SPEECH_GRPC_PORT": "0"},
-    {"MOSS_SPEECH_LOG_LEVEL": "LOUD"},
-    {"MOSS_SPEECH_MIN_NEW_TOKENS": "600"},
-    {"MOSS_SPEECH_METRICS_PORT": "50051"},
-    {"MOSS_SPEECH_MAX_MESSAGE_BYTES": "1.5e6"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MOSS_SPEECH_TOP_P": "1.5"},
+        {"MOSS_SPEECH_GRPC_PORT": "0"},
+        {"MOSS_SPEECH_LOG_LEVEL": "LOUD"},
+        {"MOSS_SPEECH_MIN_NEW_TOKENS": "600"},
+        {"MOSS_SPEECH_METRICS_PORT": "50051"},
+        {"MOSS_SPEECH_MAX_MESSAGE_BYTES": "1.5e6"},
+    ],
+)
 def test_invalid_env_fails(clean_env, env: dict[str, str]) -> None:
     for k, v in env.items():
         clean_env.setenv(k, v)
@@ -80,8 +83,8 @@ def test_chart_schema_settings_section_is_generated() -> None:
     checked_in = json.loads((CHART / "values.schema.json").read_text())
     section = checked_in["properties"]["orchestrator"]["properties"]["settings"]
     assert section == s.chart_settings_schema(), (
-        "regenerate: python -m moss_speech.services.settings "
-        "--write-schema helm/moss-speech/values.schema.json")
+        "regenerate: python -m moss_speech.services.settings --write-schema helm/moss-speech/values.schema.json"
+    )
 
 
 def test_chart_settings_schema_accepts_defaults_and_refuses_typos() -> None:
@@ -96,5 +99,6 @@ def test_chart_settings_schema_accepts_defaults_and_refuses_typos() -> None:
 def test_docs_env_table_is_generated() -> None:
     docs = (REPO / "docs" / "deploy.md").read_text()
     assert s.docs_with_table(docs) == docs, (
-        "regenerate: python -m moss_speech.services.settings --write-docs docs/deploy.md")
+        "regenerate: python -m moss_speech.services.settings --write-docs docs/deploy.md"
+    )
     assert s.env_table_markdown() in docs

@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moss_speech.builders.config import ConfigError, MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.checkpoint import INDEX_NAME, CheckpointError, load_model
 from moss_speech.builders.llm.tokenizer import load_tokenizer
+from moss_speech.contract.serving import ConfigError
 
 
 def test_tiny_checkpoint_is_in_the_real_layout(tiny_dir):

@@ -8,12 +8,13 @@ import shutil
 import pytest
 import torch
 
-from moss_speech.builders.config import ConfigError, MossSpeechConfig
+from moss_speech.builders.config import MossSpeechConfig
 from moss_speech.builders.llm.checkpoint import load_model, save_checkpoint, steer_to_stop
 from moss_speech.builders.llm.generate import SamplingParams, SequenceState, generate, left_pad
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
 from moss_speech.builders.llm.tokenizer import load_tokenizer
 from moss_speech.builders.llm.tokens import SpecialTokens
+from moss_speech.contract.serving import ConfigError
 from moss_speech.model_repository.runtime.scheduler import Engine, Request
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
 

@@ -16,8 +16,9 @@ from moss_speech.model_repository.runtime import gpu_check
 def write_manifest(repo, target: str, **tools) -> None:
     repo.mkdir(parents=True, exist_ok=True)
     serving = ServingConfig.for_target(target).model_dump()
-    (repo / "manifest.json").write_text(json.dumps({"target": target, "serving": serving, "tools": tools,
-                                                    "artifacts": {}}))
+    (repo / "manifest.json").write_text(
+        json.dumps({"target": target, "serving": serving, "tools": tools, "artifacts": {}})
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -62,9 +63,21 @@ def test_runtime_checks_name_the_fix(tmp_path) -> None:
 
 def test_launcher_exits_before_tritonserver_on_a_gpu_repository(tmp_path) -> None:
     write_manifest(tmp_path / "repo", "gpu")
-    proc = subprocess.run([sys.executable, "-m", "moss_speech.cli.main", "triton", "--repo", str(tmp_path / "repo"),
-                           "--server-binary", "/nonexistent/tritonserver"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_speech.cli.main",
+            "triton",
+            "--repo",
+            str(tmp_path / "repo"),
+            "--server-binary",
+            "/nonexistent/tritonserver",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "GPU check failed" in proc.stderr and "no CUDA device is visible" in proc.stderr
     assert "Traceback" not in proc.stderr

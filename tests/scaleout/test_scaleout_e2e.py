@@ -49,8 +49,12 @@ def cluster(cpu_repo, tmp_path_factory):
     with ThreadPoolExecutor(2) as ex:
         tritons = list(ex.map(lambda _: start_triton(cpu_repo), range(2)))
     url = ",".join(f"127.0.0.1:{t.grpc_port}" for t in tritons)
-    env = {"MOSS_SPEECH_SESSIONS_BACKEND": "redis", "MOSS_SPEECH_REDIS_URL": redis.url,
-           "MOSS_SPEECH_MAX_CONTEXT_TOKENS": "4096", "MOSS_SPEECH_SESSION_LOCK_LEASE_SECONDS": "5"}
+    env = {
+        "MOSS_SPEECH_SESSIONS_BACKEND": "redis",
+        "MOSS_SPEECH_REDIS_URL": redis.url,
+        "MOSS_SPEECH_MAX_CONTEXT_TOKENS": "4096",
+        "MOSS_SPEECH_SESSION_LOCK_LEASE_SECONDS": "5",
+    }
     services = [ServiceProcess(url, tmp / f"service{i}.log", **env) for i in range(2)]
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda s: s.start(), services))
@@ -68,16 +72,23 @@ def stub(service) -> speech_pb2_grpc.MossSpeechStub:
 
 
 def turn(service, session_id: str, text: str) -> pb.ConverseResponse:
-    return stub(service).Converse(pb.ConverseRequest(session_id=session_id, text=text, output=TEXT,
-                                                     sampling=GREEDY), timeout=120)
+    return stub(service).Converse(
+        pb.ConverseRequest(session_id=session_id, text=text, output=TEXT, sampling=GREEDY), timeout=120
+    )
 
 
 def test_sessionless_turns_spread_over_both_tritons(cluster):
     tritons, services = cluster["tritons"], cluster["services"]
     before = [llm_requests(t) for t in tritons]
     with ThreadPoolExecutor(8) as ex:  # c = 8 over the two service replicas
-        list(ex.map(lambda i: stub(services[i % 2]).Converse(
-            pb.ConverseRequest(text=f"question {i}", output=TEXT, sampling=GREEDY), timeout=120), range(16)))
+        list(
+            ex.map(
+                lambda i: stub(services[i % 2]).Converse(
+                    pb.ConverseRequest(text=f"question {i}", output=TEXT, sampling=GREEDY), timeout=120
+                ),
+                range(16),
+            )
+        )
     counts = [llm_requests(t) - b for t, b in zip(tritons, before, strict=True)]
     assert sum(counts) == 16 and min(counts) >= 4, counts  # both replicas serve (even would be 8 / 8)
 

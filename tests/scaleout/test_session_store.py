@@ -33,8 +33,9 @@ def spoken_turn() -> tuple[np.ndarray, np.ndarray]:
 def make(kind: str, redis_server=None, **kw):
     if kind == "memory":
         return MemorySessionStore(kw.get("ttl", 60), 100, kw.get("max_context", 1000))
-    return RedisSessionStore(redis_server.url, kw.get("ttl", 60), kw.get("max_context", 1000),
-                             lock_lease_seconds=kw.get("lease", 30))
+    return RedisSessionStore(
+        redis_server.url, kw.get("ttl", 60), kw.get("max_context", 1000), lock_lease_seconds=kw.get("lease", 30)
+    )
 
 
 @pytest.fixture(params=["memory", "redis"])

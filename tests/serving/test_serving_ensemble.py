@@ -13,10 +13,10 @@ import pytest
 import torch
 from tritonharness import Stream, has_outputs, metric
 
-from moss_speech.builders.config import ServingConfig
 from moss_speech.builders.llm.generate import SamplingParams, generate
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.prompt import PromptBuilder, Turn
+from moss_speech.contract.serving import ServingConfig
 from moss_speech.model_repository.runtime.factory import load_codec_runtime
 from moss_speech.model_repository.runtime.scheduler import Engine, Request
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moss_speech.builders.codec import SpeechCodec
-from moss_speech.builders.codec.audio import load_audio
 from moss_speech.builders.codec.voices import loudest_segment
+from moss_speech.contract.audio import load_audio
 from moss_speech.contract.voices import VoiceLimits
 
 from .voice_support import espeak
