@@ -1,8 +1,8 @@
 """HPAs and prometheus-adapter rules: they scale the right Deployments on metrics that really exist.
 
-Metric names are checked against a live `ServiceMetrics` registry (what the orchestrator exports) and
-against `TRITON_METRICS` in services/metrics.py (Triton's documented names plus our llm gauge; the
-Triton-serving tests check those against a running tritonserver's /metrics).
+Metric names are checked against live `ServiceMetrics` and `RealtimeMetrics` registries (what the orchestrator and
+the realtime gateway export) and against `TRITON_METRICS` in services/metrics.py (Triton's documented names plus
+our llm gauge; the Triton-serving tests check those against a running tritonserver's /metrics).
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ import yaml
 from helm_support import KUBE_VERSIONS, VALUES_SETS, by_kind, chart_values, component
 
 from moss_speech.services import metrics as m
+from moss_speech.services.realtime.metrics import RealtimeMetrics
 
 KV = KUBE_VERSIONS[-1]
 SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
 
 
-def exported_series() -> set[str]:
-    """Series names a fresh ServiceMetrics registry exposes, read from its /metrics text."""
+def exported_series(registry=None) -> set[str]:
+    """Series names a fresh registry (default: the orchestrator's ServiceMetrics) exposes, read from its /metrics
+    text."""
     names = set()
-    for line in m.ServiceMetrics().exposition().decode().splitlines():
+    for line in (registry or m.ServiceMetrics()).exposition().decode().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             names.add(name)
@@ -70,7 +72,7 @@ def test_live_registry_has_the_contracted_names() -> None:
 
 @pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
 def test_adapter_rules_read_existing_metrics(rendered, values_set: str) -> None:
-    known = exported_series() | m.TRITON_METRICS
+    known = exported_series() | exported_series(RealtimeMetrics()) | m.TRITON_METRICS
     rules = adapter_rules(rendered[(values_set, KV)])
     assert rules
     for rule in rules:

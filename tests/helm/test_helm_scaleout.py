@@ -155,7 +155,12 @@ def model_paths(docs) -> list[str]:
             for a in c.get("args", [])
             if a.startswith("--") and "=" in a and a.split("=", 1)[1].startswith("/")
         ]
-        out += [e["value"] for e in c.get("env", []) if str(e.get("value", "")).startswith("/")]
+        # Every absolute path in the env, but the voice store's: a volume of its own (voiceStore.mountPath).
+        out += [
+            e["value"]
+            for e in c.get("env", [])
+            if str(e.get("value", "")).startswith("/") and e["name"] != "MOSS_SPEECH_VOICE_STORE"
+        ]
         out += [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] == "models"]
     return out
 

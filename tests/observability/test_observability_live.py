@@ -31,7 +31,7 @@ from tests.helm.helm_support import Helm, by_kind  # noqa: E402
 pytestmark = pytest.mark.slow
 MODELS = ["speech_encoder", "llm", "vocoder", "s2s", "t2s"]
 NAMESPACE = "speech"
-PODS = {"orchestrator": "moss-orchestrator-0", "triton": "moss-triton-0"}
+PODS = {"orchestrator": "moss-orchestrator-0", "triton": "moss-triton-0", "realtime": "moss-realtime-0"}
 LOAD_SECONDS = 15
 
 
@@ -94,6 +94,40 @@ def service(triton, receiver, tmp_path_factory) -> Iterator[dict]:
             proc.wait(30)
 
 
+@pytest.fixture(scope="module")
+def gateway(service, tmp_path_factory) -> Iterator[dict]:
+    """The real realtime gateway in front of the service (its metrics feed the chart's realtime adapter rule)."""
+    import urllib.request
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MOSS_REALTIME_SERVICE_URL": service["address"],
+        "MOSS_REALTIME_HOST": "127.0.0.1",
+        "MOSS_REALTIME_PORT": str(port),
+    }
+    log_path = tmp_path_factory.mktemp("obs-gateway") / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moss_speech.cli.main", "realtime"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(log_path.read_text()[-3000:]) from None
+                    time.sleep(0.3)
+            yield {"port": port}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -123,8 +157,9 @@ def chart() -> dict:
 
 
 @pytest.fixture(scope="module")
-def loaded(service, triton, chart, tmp_path_factory) -> Iterator[Prometheus]:
-    """Prometheus scraping both, with the chart's alert rules loaded, after a short load."""
+def loaded(service, triton, gateway, chart, tmp_path_factory) -> Iterator[Prometheus]:
+    """Prometheus scraping the service, tritonserver and the gateway, with the chart's alert rules loaded, after a
+    short load."""
     work = tmp_path_factory.mktemp("prometheus")
     rules = work / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": chart["rule"]["spec"]["groups"]}))
@@ -137,6 +172,7 @@ def loaded(service, triton, chart, tmp_path_factory) -> Iterator[Prometheus]:
                 {"namespace": NAMESPACE, "pod": PODS["orchestrator"]},
             ),
             "triton": (f"127.0.0.1:{triton.metrics_port}", {"namespace": NAMESPACE, "pod": PODS["triton"]}),
+            "realtime": (f"127.0.0.1:{gateway['port']}", {"namespace": NAMESPACE, "pod": PODS["realtime"]}),
         },
         [rules],
     ).start()
@@ -175,8 +211,9 @@ def run_load(address: str) -> dict[str, int]:
     with grpc.insecure_channel(address) as ch:
         stub = speech_pb2_grpc.MossSpeechStub(ch)
         call(stub, text="   ")  # INVALID_ARGUMENT
+        # 600 speech tokens (48 s of audio) fit the served cap and take far longer than the 3 s deadline.
         call(
-            stub, text="Tell me a long story.", sampling=speech_pb2.Sampling(max_new_tokens=1000, min_new_tokens=1000)
+            stub, text="Tell me a long story.", sampling=speech_pb2.Sampling(max_new_tokens=600, min_new_tokens=600)
         )  # DEADLINE_EXCEEDED
     stop_at = time.monotonic() + LOAD_SECONDS
     threads = [threading.Thread(target=client, args=(stop_at,)) for _ in range(2)]
