@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -35,8 +34,6 @@ import numpy as np
 
 from moss_speech.services.logging import get_logger
 from moss_speech.services.sessions import (
-    SPEECH_TOKENS_PER_SECOND,
-    NoReplyError,
     Reply,
     Session,
     SessionBusyError,
@@ -45,7 +42,7 @@ from moss_speech.services.sessions import (
     SessionStore,
     TurnLease,
     _locate_reply,
-    truncate_reply,
+    truncate_last_reply,
 )
 
 log = get_logger("sessions")
@@ -399,23 +396,15 @@ class RedisSessionStore(AsyncSessionStore):
                 await self.redis.pexpire(self._key(session_id), self.ttl_ms)  # idle TTL counts from now
 
     async def truncate_reply(self, session_id: str, audio_end_ms: int) -> tuple[int, int, int]:
-        keep = math.ceil(max(0, audio_end_ms) * SPEECH_TOKENS_PER_SECOND / 1000)
         try:
             token = await self._acquire(session_id)
         except SessionBusyError:
             raise SessionBusyError(f"session {session_id!r} is running a turn; truncate after it finished") from None
         try:
             s = await self._load(session_id)
-            reply = s.last_reply
-            if reply is None or not s.turns or s.turns[-1] is not reply.rows:
-                raise NoReplyError("the session's last turn has no spoken answer to truncate")
-            cut, kept = truncate_reply(reply, keep)
-            if cut is None:
-                return kept, 0, s.history_tokens
-            removed = len(reply.rows) - len(cut.rows)
-            s.turns[-1] = cut.rows
-            s.last_reply = cut
-            await self._save(s, token)
+            kept, removed = truncate_last_reply(s, audio_end_ms)
+            if removed:
+                await self._save(s, token)
             return kept, removed, s.history_tokens
         finally:
             with contextlib.suppress(*self._errors):

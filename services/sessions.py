@@ -96,6 +96,21 @@ def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
     return Reply(rows=cut, start=reply.start, speech=keep, eosp_row=reply.eosp_row), keep
 
 
+def truncate_last_reply(s: Session, audio_end_ms: int) -> tuple[int, int]:
+    """Cut the session's last spoken answer to the speech tokens started before `audio_end_ms` (one code path for
+    every session store). Returns (speech tokens kept, rows removed); raises NoReplyError."""
+    keep = math.ceil(max(0, audio_end_ms) * SPEECH_TOKENS_PER_SECOND / 1000)
+    reply = s.last_reply
+    if reply is None or not s.turns or s.turns[-1] is not reply.rows:
+        raise NoReplyError("the session's last turn has no spoken answer to truncate")
+    cut, kept = truncate_reply(reply, keep)
+    if cut is None:
+        return kept, 0
+    s.turns[-1] = cut.rows
+    s.last_reply = cut  # a later, shorter cut still works
+    return kept, len(reply.rows) - len(cut.rows)
+
+
 @dataclass
 class Session:
     session_id: str
@@ -255,20 +270,12 @@ class SessionStore:
         kept). Returns (speech tokens kept, rows removed, history rows). Raises SessionNotFoundError,
         SessionBusyError (a turn is running) or NoReplyError."""
         s = self.get(session_id)
-        keep = math.ceil(max(0, audio_end_ms) * SPEECH_TOKENS_PER_SECOND / 1000)
         with self._lock:
             if s.busy:
                 raise SessionBusyError(f"session {session_id!r} is running a turn; truncate after it finished")
-            reply = s.last_reply
-            if reply is None or not s.turns or s.turns[-1] is not reply.rows:
-                raise NoReplyError("the session's last turn has no spoken answer to truncate")
-            cut, kept = truncate_reply(reply, keep)
-            if cut is None:
-                return kept, 0, s.history_tokens
-            removed = len(reply.rows) - len(cut.rows)
-            s.turns[-1] = cut.rows
-            s.last_reply = cut  # a later, shorter cut still works
-            self._touch(s)
+            kept, removed = truncate_last_reply(s, audio_end_ms)
+            if removed:
+                self._touch(s)
             return kept, removed, s.history_tokens
 
     @contextmanager
