@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def _serve(triton, ports: dict[str, int], args: argparse.Namespace) -> None:
+    from moss_speech.services.lifecycle import wait_for_stop_signal
     from moss_speech.services.logging import setup_logging
     from moss_speech.services.realtime.server import RealtimeServer
     from moss_speech.services.realtime.settings import RealtimeSettings
@@ -155,12 +154,7 @@ async def _serve(triton, ports: dict[str, int], args: argparse.Namespace) -> Non
         "Ctrl-C stops everything.",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     print("stopping", flush=True)
     await gateway.stop()
     await service.stop(grace=2.0)

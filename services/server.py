@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import re
-import signal
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from moss_speech.services.api import SERVICE_NAME, speech_pb2, speech_pb2_grpc
 from moss_speech.services.audio_io import AudioError, AudioSpec, InputAudioBuffer, decode, to_pcm16
 from moss_speech.services.auth import ApiKeys, AuthError, key_id_var
 from moss_speech.services.guard import MalformedMessage, guarded_handler
+from moss_speech.services.lifecycle import wait_for_stop_signal
 from moss_speech.services.limits import Limiter, LimitError, Limits, rate_limit_metadata
 from moss_speech.services.logging import get_logger, new_request_id, request_id_var, setup_logging
 from moss_speech.services.metrics import ServiceMetrics
@@ -881,9 +881,5 @@ async def serve(settings: ServiceSettings) -> None:
     setup_logging(settings.log_level, settings.log_format)
     service = Service(settings)
     await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await service.stop()

@@ -42,6 +42,7 @@ from moss_speech.services.sessions import (
     SessionStore,
     TurnLease,
     _locate_reply,
+    fit_history,
     truncate_last_reply,
 )
 
@@ -204,17 +205,6 @@ def decode_session(meta_json: str | bytes, rows: bytes) -> Session:
         eosp = None if reply["eosp"] is None else np.asarray(reply["eosp"], dtype=np.int64)
         s.last_reply = Reply(rows=turns[-1], start=reply["start"], speech=reply["speech"], eosp_row=eosp)
     return s
-
-
-def fit_history(s: Session, max_tokens: int, budget: int | None = None) -> int:
-    """Drop the oldest turns until the history fits; returns how many went (as `SessionStore._fit`)."""
-    max_tokens = max_tokens if budget is None else min(budget, max_tokens)
-    dropped = 0
-    while s.turns and s.history_tokens > max_tokens:
-        s.turns.popleft()
-        dropped += 1
-    s.dropped_turns += dropped
-    return dropped
 
 
 class _RedisLease(Lease):

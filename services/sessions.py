@@ -96,6 +96,18 @@ def truncate_reply(reply: Reply, keep: int) -> tuple[Reply | None, int]:
     return Reply(rows=cut, start=reply.start, speech=keep, eosp_row=reply.eosp_row), keep
 
 
+def fit_history(s: Session, max_tokens: int, budget: int | None = None) -> int:
+    """Drop the oldest turns until the history fits `max_tokens` (and `budget`, when given); returns how many went.
+    One code path for every session store."""
+    limit = max_tokens if budget is None else min(budget, max_tokens)
+    dropped = 0
+    while s.turns and s.history_tokens > limit:
+        s.turns.popleft()
+        dropped += 1
+    s.dropped_turns += dropped
+    return dropped
+
+
 def truncate_last_reply(s: Session, audio_end_ms: int) -> tuple[int, int]:
     """Cut the session's last spoken answer to the speech tokens started before `audio_end_ms` (one code path for
     every session store). Returns (speech tokens kept, rows removed); raises NoReplyError."""
@@ -256,14 +268,7 @@ class SessionStore:
         self._on_change(n)
 
     def _fit(self, s: Session, budget: int | None = None) -> int:
-        """Drop the oldest turns until the history fits the context budget; returns how many went."""
-        limit = self.max_context_tokens if budget is None else min(budget, self.max_context_tokens)
-        dropped = 0
-        while s.turns and s.history_tokens > limit:
-            s.turns.popleft()
-            dropped += 1
-        s.dropped_turns += dropped
-        return dropped
+        return fit_history(s, self.max_context_tokens, budget)
 
     def truncate_reply(self, session_id: str, audio_end_ms: int) -> tuple[int, int, int]:
         """Cut the last spoken answer to the speech tokens started before `audio_end_ms` (a token partly heard is

@@ -75,6 +75,19 @@ def write_tokenizer_config(path: Path, model_max_length: int = 40960) -> None:
     )
 
 
+def added_token(token_id: int, content: str, special: bool = True) -> dict:
+    """One `added_tokens` record of tokenizer.json: matched whole, never normalised or split."""
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
+
+
 def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_ID) -> Tokenizer:
     """Write tokenizer.json + tokenizer_config.json with the special tokens from `first_special_id` on
     (at least 256: the byte tokens come first). Returns the loaded tokenizer."""
@@ -89,18 +102,7 @@ def write_tiny_tokenizer(path: Path, first_special_id: int = QWEN_FIRST_SPECIAL_
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     data = json.loads(tok.to_str())
-    data["added_tokens"] = [
-        {
-            "id": first_special_id + i,
-            "content": c,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, c in enumerate(SPECIAL_TOKENS)
-    ]
+    data["added_tokens"] = [added_token(first_special_id + i, c) for i, c in enumerate(SPECIAL_TOKENS)]
     (path / TOKENIZER_FILE).write_text(json.dumps(data, ensure_ascii=False))
     write_tokenizer_config(path)
     loaded = Tokenizer.from_file(str(path / TOKENIZER_FILE))

@@ -31,7 +31,12 @@ from moss_speech.builders.llm.checkpoint import init_random, load_model, save_ch
 from moss_speech.builders.llm.generate import SamplingParams, generate
 from moss_speech.builders.llm.model import MossSpeechForCausalLM
 from moss_speech.builders.llm.prompt import DEFAULT_SYSTEM_PROMPTS, PromptBuilder, Turn
-from moss_speech.builders.llm.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, write_tokenizer_config
+from moss_speech.builders.llm.tokenizer import (
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    added_token,
+    write_tokenizer_config,
+)
 from moss_speech.builders.llm.tokens import SpecialTokens
 from moss_speech.builders.training.config import GROUPS, TEXT_GROUPS, StageConfig, TrainConfig, default_stages
 from moss_speech.builders.training.data import Sample, make_sample
@@ -97,29 +102,8 @@ def write_word_tokenizer(path: Path) -> Tokenizer:
     data = json.loads(tok.to_str())
     first = len(vocab)
     added = ["\n", *SPECIAL_TOKENS]
-    data["added_tokens"] = [
-        {
-            "id": vocab["\n"],
-            "content": "\n",
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": False,
-        }
-    ]
-    data["added_tokens"] += [
-        {
-            "id": first + i,
-            "content": c,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, c in enumerate(added[1:])
-    ]
+    data["added_tokens"] = [added_token(vocab["\n"], "\n", special=False)]
+    data["added_tokens"] += [added_token(first + i, c) for i, c in enumerate(added[1:])]
     data["model"]["vocab"].update({c: first + i for i, c in enumerate(added[1:])})
     path.mkdir(parents=True, exist_ok=True)
     (path / TOKENIZER_FILE).write_text(json.dumps(data))

@@ -7,9 +7,7 @@ only while the gRPC service reports SERVING; connections past `max_connections` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mimetypes
-import signal
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -19,6 +17,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from moss_speech.services.auth import ApiKeys, AuthError, authenticate
+from moss_speech.services.lifecycle import wait_for_stop_signal
 from moss_speech.services.logging import get_logger, setup_logging
 from moss_speech.services.realtime.bridge import Bridge, ServiceTLS
 from moss_speech.services.realtime.connection import Connection
@@ -151,10 +150,5 @@ async def serve_forever(settings: RealtimeSettings, on_ready=None) -> None:
     await server.start()
     if on_ready:
         on_ready(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.stop()
