@@ -117,13 +117,18 @@ def render() -> str:
     return "".join(parts)
 
 
+def replace_between(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with everything between the `begin` and `end` marker lines replaced by `body` (generated docs)."""
+    head, sep, rest = text.partition(begin)
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise ValueError(f"the document lacks the markers {begin!r} ... {end!r}")
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
 def with_tables(text: str) -> str:
     """`text` with everything between BEGIN and END replaced by `render()`."""
-    head, sep, rest = text.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
-    if not sep or not sep2:
-        raise ValueError(f"the document lacks the markers {BEGIN!r} ... {END!r}")
-    return f"{head}{BEGIN}\n{render()}{END}{tail}"
+    return replace_between(text, BEGIN, END, render())
 
 
 def main(argv: list[str] | None = None) -> int:

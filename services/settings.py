@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moss_speech.contract import tensors as T
 from moss_speech.contract.audio import MAX_AUDIO_SECONDS
+from moss_speech.contract.docs import replace_between
 from moss_speech.contract.sampling import sampling_field
 
 ENV_PREFIX = "MOSS_SPEECH_"
@@ -281,11 +282,7 @@ def schema_with_settings(chart_schema: dict[str, Any]) -> dict[str, Any]:
 
 def docs_with_table(text: str) -> str:
     """docs text with the generated env table between DOCS_BEGIN and DOCS_END replaced."""
-    head, sep, rest = text.partition(DOCS_BEGIN)
-    _, sep2, tail = rest.partition(DOCS_END)
-    if not sep or not sep2:
-        raise ValueError(f"docs lack the markers {DOCS_BEGIN!r} ... {DOCS_END!r}")
-    return f"{head}{DOCS_BEGIN}\n{env_table_markdown()}{DOCS_END}{tail}"
+    return replace_between(text, DOCS_BEGIN, DOCS_END, env_table_markdown())
 
 
 def main(argv: list[str] | None = None) -> int:
