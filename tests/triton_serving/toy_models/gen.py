@@ -141,7 +141,10 @@ class TritonPythonModel:
     def write_record(self, job, cancelled, **seen):
         tag = job.tag.decode()
         record = {"tag": tag, "steps_sent": job.step, "n": job.n, "cancelled": cancelled, **seen}
-        (self.log_dir / f"{tag}.json").write_text(json.dumps(record))
+        # Write then rename: the test polls for the file and must never read it half-written.
+        tmp = self.log_dir / f".{tag}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.log_dir / f"{tag}.json")
 
     def finalize(self):
         with self.cv:
