@@ -2,7 +2,8 @@
 against the GPU's memory-bandwidth limit (weight bytes read per step / bandwidth).
 
 For a lent GPU machine (the device tool): `python bench/gpu_decode_bench.py --device cuda`. On a CPU it runs a
-small shape (`--small`) only to check the script. Not run on a GPU yet: no task so far was lent one.
+small shape (`--small`) only to check the script. Also prints the prefill time of one prompt and the GPU memory
+the weights, the KV cache and the peak take (docs/gpu-verification.md items 4 and 5).
 
     python bench/gpu_decode_bench.py --device cuda [--bandwidth-tbs 3.35] [--context 1024] [--steps 64]
 """
@@ -25,6 +26,7 @@ from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
 
 # Peak HBM bandwidth by device name (TB/s); pass --bandwidth-tbs for anything else.
+BATCHES = (1, 8, 32)
 BANDWIDTH_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100-SXM4-80GB": 2.04}
 
 
@@ -66,6 +68,23 @@ def decode_rate(runtime: TorchLLMRuntime, batch: int, prompt: int, steps: int, d
     return batch * steps / elapsed
 
 
+def prefill_ms(runtime: TorchLLMRuntime, prompt: int, device: str, repeats: int = 3) -> float:
+    """Best-of-`repeats` time to prefill one `prompt`-token grid into a fresh slot (time to first token, model only)."""
+    cfg = runtime.config
+    grid = torch.stack([torch.randint(0, 5000, (prompt,)), torch.full((prompt,), cfg.audio_pad_token_id)], -1)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        slot = runtime.acquire()
+        sync()
+        t0 = time.perf_counter()
+        runtime.prefill(slot, grid)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        runtime.release(slot)
+    return best * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +99,10 @@ def main() -> None:
     cfg = tiny_config() if small else MossSpeechConfig()
     dtype = getattr(torch, args.dtype)
     model = random_model(cfg, args.device, dtype)
-    runtime = TorchLLMRuntime(model, max_slots=8, max_context=args.context)
+    cuda = args.device.startswith("cuda")
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    runtime = TorchLLMRuntime(model, max_slots=max(BATCHES), max_context=args.context, cuda_graphs=False)
+    kv_gib = runtime.cache.buffer.numel() * runtime.cache.buffer.element_size() / 2**30
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
     per_step = bytes_per_step(model)
@@ -89,14 +111,34 @@ def main() -> None:
         ("shape", "tiny (script check)" if small else "real (Qwen3-8B trunk + 2x4 tails)"),
         ("weights read per decode step", f"{per_step / 2**30:.2f} GiB ({args.dtype})"),
     ]
-    for batch in (1, 8):
-        rate = decode_rate(runtime, batch, args.prompt, args.steps, args.device)
-        line = f"{rate:,.1f} tokens/s ({rate / batch:,.1f} per sequence)"
-        if bw:
-            limit = bw * 1e12 / per_step  # steps/s if every step only streamed the weights once
-            line += f"; bandwidth limit {limit * batch:,.1f} tokens/s -> {rate / (limit * batch):.0%} of it"
-        rows.append((f"decode batch {batch}", line))
-    print_table("torch runtime decode (static KV cache, eager; CUDA graphs not used)", rows)
+    rows.append((f"prefill {args.prompt} tokens (batch 1)", f"{prefill_ms(runtime, args.prompt, args.device):.1f} ms"))
+    eager = {}
+    for mode in ("eager", "CUDA graphs") if cuda else ("eager",):
+        if mode != "eager":  # the same runtime with graphs: a second cache of the same size, after the first
+            del runtime
+            torch.cuda.empty_cache()
+            runtime = TorchLLMRuntime(model, max_slots=max(BATCHES), max_context=args.context, cuda_graphs=True)
+        for batch in BATCHES:
+            rate = decode_rate(runtime, batch, args.prompt, args.steps, args.device)
+            line = f"{rate:,.1f} tokens/s ({rate / batch:,.1f} per sequence)"
+            if bw:
+                limit = bw * 1e12 / per_step  # steps/s if every step only streamed the weights once
+                line += f"; bandwidth limit {limit * batch:,.1f} tokens/s -> {rate / (limit * batch):.0%} of it"
+            if mode == "eager":
+                eager[batch] = rate
+            else:
+                line += f"; {rate / eager[batch]:.2f}x eager"
+            rows.append((f"decode batch {batch}, {mode}", line))
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(
+            (
+                "GPU memory",
+                f"weights {weights_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB ({max(BATCHES)} slots x {args.context}), "
+                f"peak allocated {peak:.2f} GiB",
+            )
+        )
+    print_table("torch runtime decode (static KV cache; eager and CUDA-graph steps, same run)", rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """KV caches for every layer instance of the split model (shared block + text tail + audio tail).
 
-Both caches implement the same three calls the attention layers and the model use:
+Every cache implements the same calls the attention layers and the model use:
   offsets()                  -> LongTensor[B]: cache slot where each row's new tokens are written
+  longest(batch)             -> int: the largest offset, known on the host (reading it from a GPU tensor would
+                                stall the launch queue once per forward or, worse, once per layer)
   update(layer, k, v)        -> (keys, values) visible to this step, [B, kv_heads, S, head_dim]
   advance(n)                 after a forward of n new tokens
 `ConcatKVCache` grows by concatenation (simple). `StackedKVCache` reads one stacked past tensor and keeps only
@@ -27,6 +29,9 @@ class ConcatKVCache:
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), self.length, dtype=torch.long, device=device)
 
+    def longest(self, batch: int) -> int:
+        return self.length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past = self.layers[layer]
         if past is not None:
@@ -48,6 +53,9 @@ class StackedKVCache:
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), self.past.shape[4], dtype=torch.long, device=device)
 
+    def longest(self, batch: int) -> int:
+        return self.past.shape[4]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.new[layer] = (k, v)
         return torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
@@ -65,7 +73,8 @@ class StaticKVCache:
 
     Used directly, a forward runs on the first `active` slots; `view(slots)` runs one on any ordered set of slots
     (rows may have different lengths). Writes go in place; reads are views when the slots are the leading ones,
-    so nothing is reallocated or concatenated per step.
+    so nothing is reallocated or concatenated per step. The lengths live on the host: a forward reads them
+    without waiting for the GPU, and copies them to the device once.
     """
 
     def __init__(
@@ -79,44 +88,63 @@ class StaticKVCache:
         device: torch.device | str = "cpu",
     ):
         self.buffer = torch.zeros(num_layers, 2, slots, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # host
         self.max_len = max_len
         self.active = slots
+        self._leading: SlotView | None = None  # the view the direct protocol uses during one forward
 
     def view(self, slots: list[int]) -> SlotView:
         return SlotView(self, list(slots))
 
-    # The cache protocol over the leading `active` slots.
-    def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
+    # The cache protocol over the leading `active` slots (one view per forward, dropped by `advance`).
+    def _view(self, batch: int) -> SlotView:
         assert batch == self.active, f"forward batch {batch} != active slots {self.active}"
-        return self.lengths[:batch]
+        if self._leading is None:
+            self._leading = self.view(list(range(batch)))
+        return self._leading
+
+    def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
+        self._leading = None  # a forward starts here: read the lengths afresh
+        return self._view(batch).offsets(batch, device)
+
+    def longest(self, batch: int) -> int:
+        return self._view(batch).longest(batch)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(range(k.shape[0])).update(layer, k, v)
+        return self._view(k.shape[0]).update(layer, k, v)
 
     def advance(self, n: int) -> None:
-        self.lengths[: self.active] += n
+        self._view(self.active).advance(n)
+        self._leading = None
 
 
 class SlotView:
-    """The cache protocol of a `StaticKVCache` for an ordered set of its slots."""
+    """The cache protocol of a `StaticKVCache` for an ordered set of its slots, for one forward: the slots'
+    lengths are read once, on the host, when the view is made."""
 
     def __init__(self, cache: StaticKVCache, slots: list[int]):
         self.cache = cache
-        self.index = torch.tensor(slots, dtype=torch.long, device=cache.buffer.device)
+        self.slots = torch.tensor(slots, dtype=torch.long)
+        start = cache.lengths[self.slots]
+        self.max_start = int(start.max()) if slots else 0
+        device = cache.buffer.device
+        self.index = self.slots.to(device)
+        self.start = start.to(device)
         self.leading = slots == list(range(len(slots)))
 
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
-        return self.cache.lengths[self.index]
+        return self.start
+
+    def longest(self, batch: int) -> int:
+        return self.max_start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
         b, _, t, _ = k.shape
-        start = c.lengths[self.index]
-        end = int(start.max()) + t
+        end = self.max_start + t
         if end > c.max_len:
             raise ValueError(f"KV cache holds {c.max_len} tokens per sequence; this step needs {end}")
-        pos = start[:, None] + torch.arange(t, device=k.device)  # [B, T]
+        pos = self.start[:, None] + torch.arange(t, device=k.device)  # [B, T]
         rows = self.index[:, None].expand(b, t)
         layer_kv = c.buffer[layer]
         # index_put on [slot, pos] with heads/dims as trailing slices: writes in place, one row per sequence.
@@ -127,4 +155,4 @@ class SlotView:
         return layer_kv[0, self.index, :, :end], layer_kv[1, self.index, :, :end]
 
     def advance(self, n: int) -> None:
-        self.cache.lengths[self.index] += n
+        self.cache.lengths[self.slots] += n

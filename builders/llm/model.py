@@ -184,7 +184,7 @@ class MossSpeechForCausalLM(nn.Module):
         )
         if position_ids is None:
             position_ids = offsets[:, None] + torch.arange(t, device=grid.device)
-        key_len = t + (int(offsets.max()) if b else 0)
+        key_len = t + (cache.longest(b) if cache is not None and b else 0)
         mask = causal_mask(offsets, t, key_len, attention_mask, x.dtype)
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
 

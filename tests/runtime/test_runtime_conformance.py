@@ -24,6 +24,27 @@ def torch_runtime(tiny_dir, tiny_model, **kw):
 
 
 @functools.cache
+def _tiny_model_on_cuda(tiny_dir: str):
+    from moss_speech.builders.llm.model import MossSpeechForCausalLM
+
+    return MossSpeechForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
+
+
+def torch_cuda_runtime(tiny_dir, tiny_model, cuda_graphs=True, **kw):
+    """The same runtime with the model and KV cache on a GPU, decode steps replayed as CUDA graphs: logits come
+    back on the CPU, within fp32 tolerance of the CPU reference (TF32 stays off: PyTorch's default for matmuls)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime
+
+    return TorchLLMRuntime(_tiny_model_on_cuda(str(tiny_dir)), cuda_graphs=cuda_graphs, **kw)
+
+
+def torch_cuda_eager_runtime(tiny_dir, tiny_model, **kw):
+    return torch_cuda_runtime(tiny_dir, tiny_model, cuda_graphs=False, **kw)
+
+
+@functools.cache
 def _tiny_llm_onnx(tiny_dir: str) -> str:
     """The tiny model exported once per session, beside the tiny checkpoint (a pytest tmp dir)."""
     from moss_speech.builders.export.onnx_llm import export_llm_onnx
@@ -61,7 +82,13 @@ def tensorrt_runtime(tiny_dir, tiny_model, **kw):
     return TrtLLMRuntime(engine, tiny_model.config, **kw)
 
 
-RUNTIME_FACTORIES = {"torch": torch_runtime, "onnxruntime": onnxruntime_runtime, "tensorrt": tensorrt_runtime}
+RUNTIME_FACTORIES = {
+    "torch": torch_runtime,
+    "torch-cuda": torch_cuda_runtime,
+    "torch-cuda-eager": torch_cuda_eager_runtime,
+    "onnxruntime": onnxruntime_runtime,
+    "tensorrt": tensorrt_runtime,
+}
 
 
 @pytest.fixture(params=sorted(RUNTIME_FACTORIES))
