@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helm_support import RELEASE, Helm, component
+from helm_support import CHART, RELEASE, Helm, component
 
 from moss_speech.contract.voices import VoiceLimits
 
@@ -90,3 +90,41 @@ def test_schema_refuses_bad_values(helm: Helm, tmp_path, bad):
     f.write_text(yaml.safe_dump({"voiceStore": bad}))
     proc = helm.run(*helm.template_args([f]), check=False)
     assert proc.returncode != 0 and "voiceStore" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"voiceStore": {"enabled": False}, "triton": {"replicaCount": 2}}, "its own voice folder"),
+        (
+            {"voiceStore": {"enabled": False}, "triton": {"autoscaling": {"enabled": True, "maxReplicas": 3}}},
+            "may run 3 replicas",
+        ),
+        ({"voiceStore": {"accessModes": ["ReadWriteOncePod"]}, "triton": {"replicaCount": 2}}, "ReadWriteOncePod"),
+    ],
+)
+def test_store_that_replicas_cannot_share_is_refused(helm: Helm, tmp_path, values, message):
+    """Several Triton replicas must see the same voices: a per-pod folder or a one-pod claim is refused."""
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    proc = helm.run(*helm.template_args([f]), check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    one = {**values, "triton": {"replicaCount": 1}}  # the same store with one replica is fine
+    assert _render(helm, tmp_path, one)
+
+
+def test_rwo_store_with_replicas_warns_in_notes(helm: Helm, tmp_path):
+    """ReadWriteOnce serves several replicas on one node only: the install notes say so (the chart cannot know
+    where pods land, so it warns rather than refuses)."""
+
+    def notes(values: dict) -> str:
+        f = tmp_path / "values.yaml"
+        f.write_text(yaml.safe_dump(values))
+        args = ["install", RELEASE, str(CHART), "--dry-run=client", "--namespace", "speech", "-f", str(f)]
+        return helm.run(*args).stdout.split("NOTES:", 1)[1]
+
+    assert "Multi-Attach" in notes({"triton": {"replicaCount": 2}})
+    assert "Multi-Attach" not in notes({"triton": {"replicaCount": 1}})
+    assert "Multi-Attach" not in notes(
+        {"triton": {"replicaCount": 2}, "voiceStore": {"accessModes": ["ReadWriteMany"]}}
+    )
