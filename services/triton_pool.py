@@ -9,8 +9,10 @@ one `TritonClient` (one channel) per endpoint:
   healthy ones: the same replica while it is healthy (its KV prefix cache holds the conversation), and when it
   fails or leaves only its sessions move (to their next-highest endpoint), nobody else's;
 - a sessionless turn goes to the healthy endpoint with the fewest turns in flight from this orchestrator;
-- an endpoint that fails its readiness check or a call with UNAVAILABLE is skipped until it is ready again; a turn
-  that failed before anything streamed is retried once on the next endpoint;
+- an endpoint is skipped after `unhealthy_after` readiness checks fail in a row (one slow answer from a busy
+  replica must not send all traffic to the others until the next check) or at once when a call fails with
+  UNAVAILABLE, until a check passes again; a turn that failed before anything streamed is retried once on the next
+  endpoint;
 - the cancel control request goes to the endpoint that runs the request (the pool remembers it per request id).
 """
 
@@ -71,17 +73,21 @@ class TritonPool:
         url: str,
         *models: str,
         resolve_seconds: float = 10.0,
+        unhealthy_after: int = 3,
         client_factory: Callable[..., TritonClient] = TritonClient,
         resolver: Callable[[str], list[str]] = resolve,
     ) -> None:
         self.url = url
         self.models = models
         self.resolve_seconds = resolve_seconds
+        self.unhealthy_after = unhealthy_after
         self._factory, self._resolver = client_factory, resolver
         self._name, fixed = parse_targets(url)
         self.clients: dict[str, TritonClient] = {}
         self.healthy: dict[str, bool] = {}
         self.inflight: dict[str, int] = {}
+        self.failed_checks: dict[str, int] = {}  # readiness checks failed in a row
+        self._passed: set[str] = set()  # endpoints that have passed a readiness check
         self.turns: dict[str, int] = {}  # turns started per endpoint (tests, benchmark)
         self._owner: dict[str, str] = {}  # request id -> endpoint running it
         self._resolved_at = 0.0
@@ -93,6 +99,7 @@ class TritonPool:
         self.clients[ep] = self._factory(ep, *self.models)
         self.healthy.setdefault(ep, True)  # optimistic until the first readiness check
         self.inflight.setdefault(ep, 0)
+        self.failed_checks.setdefault(ep, 0)
         self.turns.setdefault(ep, 0)
 
     async def refresh(self, force: bool = False) -> None:
@@ -115,6 +122,8 @@ class TritonPool:
             log.info("triton endpoint removed", extra={"fields": {"endpoint": ep}})
             client = self.clients.pop(ep)
             self.healthy.pop(ep, None)
+            self.failed_checks.pop(ep, None)
+            self._passed.discard(ep)
             asyncio.ensure_future(client.close())  # lets its open turns drain first
 
     @property
@@ -137,15 +146,23 @@ class TritonPool:
 
     # --- the TritonClient interface ------------------------------------------------------------------------
     async def ready(self, timeout: float = 2.0) -> bool:
-        """Check every endpoint (updates which are skipped); ready when at least one is."""
+        """Check every endpoint (updates which are skipped); ready when at least one is usable."""
         await self.refresh(force=not self.clients)
         eps = self.endpoints
         results = await asyncio.gather(*(self.clients[ep].ready(timeout) for ep in eps))
         for ep, ok in zip(eps, results, strict=True):
-            if self.healthy.get(ep) != ok:
-                log.info("triton endpoint " + ("ready" if ok else "not ready"), extra={"fields": {"endpoint": ep}})
-            self.healthy[ep] = ok
-        return any(results)
+            self.failed_checks[ep] = 0 if ok else self.failed_checks.get(ep, 0) + 1
+            if ok:
+                self._passed.add(ep)
+            # Up at the first pass; an endpoint that has passed before goes down after `unhealthy_after` failures
+            # in a row (or a failed call); one that never passed is down until it does.
+            usable = ok or (
+                ep in self._passed and self.healthy.get(ep, False) and self.failed_checks[ep] < self.unhealthy_after
+            )
+            if self.healthy.get(ep) != usable:
+                log.info("triton endpoint " + ("ready" if usable else "not ready"), extra={"fields": {"endpoint": ep}})
+            self.healthy[ep] = usable
+        return any(self.healthy[ep] for ep in eps)
 
     async def voices(self, timeout: float = 5.0) -> list[str]:
         return await self.clients[self.pick()].voices(timeout)

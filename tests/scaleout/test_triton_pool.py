@@ -62,3 +62,40 @@ def test_dns_membership_follows_the_resolver():
             assert pool.endpoints == want
 
     asyncio.run(main())
+
+
+class Checked(Idle):
+    """A client whose readiness answers come from a shared script (endpoint -> list of bools, one per check)."""
+
+    answers: dict[str, list[bool]] = {}
+
+    async def ready(self, timeout):
+        return self.answers[self.url].pop(0)
+
+
+def test_one_slow_readiness_answer_does_not_take_a_replica_out():
+    """A busy replica that misses a check keeps its traffic; `unhealthy_after` misses in a row take it out, one
+    pass brings it back; a replica that has never passed stays out; a failed call takes it out at once."""
+    Checked.answers = {
+        "a:1": [True, False, False, True, False, False, False, True],
+        "b:2": [True] * 8,
+        "c:3": [False, False, False, False, False, False, False, True],
+    }
+    pool = TritonPool("a:1,b:2,c:3", client_factory=Checked, unhealthy_after=3)
+
+    async def checks():
+        seen = []
+        for _ in range(8):
+            assert await pool.ready()
+            seen.append((pool.healthy["a:1"], pool.healthy["c:3"]))
+        return seen
+
+    seen = asyncio.run(checks())
+    assert [a for a, _ in seen] == [True, True, True, True, True, True, False, True]
+    assert [c for _, c in seen] == [False] * 7 + [True]
+    Checked.answers = {"a:1": [False], "b:2": [False], "c:3": [False]}
+    assert asyncio.run(pool.ready())  # one miss each: all still usable
+    pool.healthy["b:2"] = False  # what a call failing with UNAVAILABLE does
+    Checked.answers = {"a:1": [True], "b:2": [True], "c:3": [True]}
+    asyncio.run(pool.ready())
+    assert pool.healthy["b:2"]  # back at the next pass
