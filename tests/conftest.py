@@ -8,6 +8,7 @@ a fixture that starts a real process (SLOW_FIXTURES): new tests on the shared se
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -70,14 +71,12 @@ def cpu_repo(tiny_bundle, tmp_path_factory):
     from moss_speech.contract.serving import ServingConfig
 
     out = tmp_path_factory.mktemp("cpu-repo")
-    build_repository(
-        tiny_bundle,
-        tiny_bundle / "codec",
-        "cpu",
-        out,
-        ServingConfig.for_target("cpu", max_slots=4, max_context=1024),
-        progress=False,
-    )
+    # MOSS_SPEECH_TEST_LLM=torch serves the llm with the torch runtime; torch-cuda does so on a GPU (KIND_GPU: what
+    # bench/gpu_serving.sh runs on a GPU machine). The codec stays onnxruntime on the CPU either way.
+    llm = {"torch": {"llm_runtime": "torch"}, "torch-cuda": {"llm_runtime": "torch", "kind": "KIND_GPU"}}
+    choice = llm.get(os.environ.get("MOSS_SPEECH_TEST_LLM", ""), {})
+    serving = ServingConfig.for_target("cpu", max_slots=4, max_context=1024, **choice)
+    build_repository(tiny_bundle, tiny_bundle / "codec", "cpu", out, serving, progress=False)
     return out
 
 

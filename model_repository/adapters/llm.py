@@ -86,7 +86,14 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         serving = serving_config(params)
-        runtime = load_llm_runtime(serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"))
+        # A KIND_GPU instance runs the torch runtime on the GPU Triton gave it (onnxruntime/TensorRT pick their own).
+        gpu = args.get("model_instance_kind") == "GPU"
+        device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+        runtime = load_llm_runtime(
+            serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"), device=device
+        )
+        where = f" on {device}" if serving.llm_runtime == "torch" else ""
+        pb_utils.Logger.log_info(f"llm: {runtime.name} runtime{where}, {serving.max_slots} KV slots")
         # Every token id (stop ids, chat markers, pads, SOSP/EOSP) from the checkpoint's files, read once here.
         prompts = PromptBuilder.from_dir(params["checkpoint_dir"], runtime.config)
         self.family = pb_utils.MetricFamily(
