@@ -85,6 +85,13 @@ def load_codec(args: dict[str, Any]):
     return codec, params
 
 
+def instance_device(args: dict[str, Any]) -> str:
+    """The torch device of this model instance: `cuda:N` for a KIND_GPU instance (Triton names the GPU), else cpu."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', 0))}"
+    return "cpu"
+
+
 def string_input(pb_utils, request, name: str) -> str | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

@@ -36,6 +36,7 @@ from moss_speech.model_repository.adapters.common import (
     array_input,
     artifact_path,
     error_response,
+    instance_device,
     model_parameters,
     serving_config,
     string_input,
@@ -87,8 +88,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         serving = serving_config(params)
         # A KIND_GPU instance runs the torch runtime on the GPU Triton gave it (onnxruntime/TensorRT pick their own).
-        gpu = args.get("model_instance_kind") == "GPU"
-        device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+        device = instance_device(args)
         runtime = load_llm_runtime(
             serving, params["checkpoint_dir"], artifact_path(args, params, "llm_artifact"), device=device
         )
