@@ -25,8 +25,8 @@ from moss_speech.builders.llm.checkpoint import skip_weight_init  # noqa: E402
 from moss_speech.builders.llm.model import MossSpeechForCausalLM  # noqa: E402
 from moss_speech.model_repository.runtime.torch_llm import TorchLLMRuntime  # noqa: E402
 
-# Peak HBM bandwidth by device name (TB/s); pass --bandwidth-tbs for anything else.
 BATCHES = (1, 8, 32)
+# Peak HBM bandwidth by device name (TB/s); pass --bandwidth-tbs for anything else.
 BANDWIDTH_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100-SXM4-80GB": 2.04}
 
 
@@ -48,15 +48,26 @@ def bytes_per_step(model: MossSpeechForCausalLM) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
 
 
+def prompt_grid(runtime: TorchLLMRuntime, length: int) -> torch.Tensor:
+    """A random text prompt of `length` rows (audio channel padded)."""
+    pad = runtime.config.audio_pad_token_id
+    return torch.stack([torch.randint(0, 5000, (length,)), torch.full((length,), pad)], -1)
+
+
+def synchronizer(device: str):
+    """What waits for queued GPU work before a clock is read (nothing on a CPU)."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 def decode_rate(runtime: TorchLLMRuntime, batch: int, prompt: int, steps: int, device: str) -> float:
     cfg = runtime.config
     slots = [runtime.acquire() for _ in range(batch)]
-    grid = torch.stack([torch.randint(0, 5000, (prompt,)), torch.full((prompt,), cfg.audio_pad_token_id)], -1)
+    grid = prompt_grid(runtime, prompt)
     for s in slots:
         runtime.prefill(s, grid)
     rows = torch.stack([torch.full((batch,), cfg.modality_pad_token_id), torch.randint(0, 16384, (batch,))], -1)
     runtime.decode(slots, rows)  # warm up
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -70,9 +81,8 @@ def decode_rate(runtime: TorchLLMRuntime, batch: int, prompt: int, steps: int, d
 
 def prefill_ms(runtime: TorchLLMRuntime, prompt: int, device: str, repeats: int = 3) -> float:
     """Best-of-`repeats` time to prefill one `prompt`-token grid into a fresh slot (time to first token, model only)."""
-    cfg = runtime.config
-    grid = torch.stack([torch.randint(0, 5000, (prompt,)), torch.full((prompt,), cfg.audio_pad_token_id)], -1)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    grid = prompt_grid(runtime, prompt)
+    sync = synchronizer(device)
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         slot = runtime.acquire()
@@ -103,7 +113,7 @@ def main() -> None:
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     runtime = TorchLLMRuntime(model, max_slots=max(BATCHES), max_context=args.context, cuda_graphs=False)
     kv_gib = runtime.cache.buffer.numel() * runtime.cache.buffer.element_size() / 2**30
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    name = torch.cuda.get_device_name() if cuda else "cpu"
     bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
     per_step = bytes_per_step(model)
     rows = [

@@ -10,14 +10,12 @@ set -uo pipefail
 carry=$1
 log=${OUT:-/tmp}/gpu-serving.log
 exec > >(tee "$log") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$carry"/*.whl || exit 1
+source bench/gpu_env.sh "$carry"
 tar xJf "$carry/pytriton-server.tar.xz" -C /tmp/site || exit 1
 # The stub links libpython3.X.so.1.0: the interpreter's own LIBDIR when it is a shared build.
 libdir=$(python3 -c "import sysconfig as s; print(s.get_config_var('LIBDIR'))")
 ls "$libdir"/libpython3*.so* 2>/dev/null || echo "no shared libpython in $libdir"
-mkdir -p /tmp/pkg/moss_speech && touch /tmp/pkg/moss_speech/__init__.py
-for f in builders services model_repository contract cli; do ln -sfn "$PWD/$f" "/tmp/pkg/moss_speech/$f"; done
-export PYTHONPATH=/tmp/site:/tmp/pkg:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$libdir:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$libdir:${LD_LIBRARY_PATH:-}
 ldd /tmp/site/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub | grep "not found"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -l 3 > "${OUT:-/tmp}/gpu-apps.log" &
 MOSS_SPEECH_TEST_LLM=torch-cuda timeout 420 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" -rs \

@@ -10,13 +10,7 @@ exec > >(tee "$log") 2>&1
 wheels=${1:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-if [ -n "$wheels" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
-fi
-# The import root without installing: moss_speech.<folder> -> ./<folder> (the mapping setup.py declares).
-mkdir -p /tmp/pkg/moss_speech && touch /tmp/pkg/moss_speech/__init__.py
-for f in builders services model_repository contract cli; do ln -sfn "$PWD/$f" "/tmp/pkg/moss_speech/$f"; done
-export PYTHONPATH=/tmp/site:/tmp/pkg:$PWD PYTHONUNBUFFERED=1
+source bench/gpu_env.sh "$wheels"
 echo "== torch runtime on the GPU vs the CPU reference"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_runtime_conformance.py \
     tests/runtime/test_prefix_cache.py tests/runtime/test_cuda_graphs.py -k "torch-cuda or padded" -o addopts="" 2>&1 | tail -15

@@ -151,7 +151,7 @@ class TritonPool:
         eps = self.endpoints
         results = await asyncio.gather(*(self.clients[ep].ready(timeout) for ep in eps))
         for ep, ok in zip(eps, results, strict=True):
-            self.failed_checks[ep] = 0 if ok else self.failed_checks.get(ep, 0) + 1
+            self.failed_checks[ep] = 0 if ok else self.failed_checks[ep] + 1
             if ok:
                 self._passed.add(ep)
             # Up at the first pass; an endpoint that has passed before goes down after `unhealthy_after` failures
