@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import re
+import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,18 @@ import pytest
 from moss_speech.model_repository.launcher import TritonServer, find_binary
 
 StartServer = Callable[..., TritonServer]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM a helper process (service, gateway, redis-server), SIGKILL it if it outlives `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def tritonserver_available() -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonharness import stop_process
 
 from moss_speech.model_repository.launcher import free_port
 
@@ -49,13 +50,7 @@ class Proc:
             raise RuntimeError(f"process exited {self.proc.returncode}:\n{self.logs()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         self._log.close()
 
 

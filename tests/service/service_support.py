@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # .../tests, for tritonharness
-from tritonharness import metric  # noqa: E402
+from tritonharness import metric, stop_process  # noqa: E402
 
 from moss_speech.model_repository.launcher import TritonServer, free_port  # noqa: E402
 
@@ -116,12 +116,6 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, 30) if self.proc is not None else None
         self._log.close()
-        return self.proc.returncode if self.proc else None
+        return code
